@@ -1,0 +1,79 @@
+"""adapterkit: parameter-efficient adapters for Hugging Face models.
+
+Attach an adapter strategy to any base model, train it cheaply, save and share it through
+the Hugging Face Hub, and switch between many adapters on one loaded base.
+
+Example:
+    >>> import adapterkit as ak
+    >>> model, tokenizer = ak.load_base("minilm-l6", task="classification", num_labels=2)
+    >>> model = ak.attach(model, "lora", r=8)
+    >>> print(ak.summary(model))
+"""
+
+from adapterkit import strategies as _strategies  # noqa: F401  (registers the built-ins)
+from adapterkit.api import (
+    AdapterSummary,
+    ModelSummary,
+    attach,
+    detach,
+    get_active_adapter,
+    get_adapter_record,
+    list_adapters,
+    summary,
+    trainable_parameters,
+    use,
+)
+from adapterkit.base_model import load_base
+from adapterkit.config import AdapterConfig
+from adapterkit.errors import (
+    AdapterExistsError,
+    AdapterFormatError,
+    AdapterKitError,
+    AdapterMismatchError,
+    AdapterNotFoundError,
+    DataError,
+    IncompatibleModelError,
+    InvalidOptionError,
+    ModelNotAvailableError,
+    StrategyImportError,
+    UnknownStrategyError,
+)
+from adapterkit.registry import Registry, get_strategy, list_strategies, register_strategy
+from adapterkit.strategies import FullConfig, HeadConfig, LoraConfig, PrefixConfig, Strategy
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdapterConfig",
+    "AdapterExistsError",
+    "AdapterFormatError",
+    "AdapterKitError",
+    "AdapterMismatchError",
+    "AdapterNotFoundError",
+    "AdapterSummary",
+    "DataError",
+    "FullConfig",
+    "HeadConfig",
+    "IncompatibleModelError",
+    "InvalidOptionError",
+    "LoraConfig",
+    "ModelNotAvailableError",
+    "ModelSummary",
+    "PrefixConfig",
+    "Registry",
+    "Strategy",
+    "StrategyImportError",
+    "UnknownStrategyError",
+    "attach",
+    "detach",
+    "get_active_adapter",
+    "get_adapter_record",
+    "get_strategy",
+    "list_adapters",
+    "list_strategies",
+    "load_base",
+    "register_strategy",
+    "summary",
+    "trainable_parameters",
+    "use",
+]

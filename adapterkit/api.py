@@ -1,0 +1,296 @@
+"""The public verbs: attach, use, detach and the queries about a model's adapters.
+
+Nothing here branches on a strategy's name: each strategy's own file says what it adds,
+how it switches and what it saves.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any
+
+from torch import nn
+
+from adapterkit.config import AdapterConfig
+from adapterkit.errors import AdapterExistsError, IncompatibleModelError, InvalidOptionError
+from adapterkit.quantized import keep_4bit_trainable, quantization_of
+from adapterkit.registry import default_registry
+from adapterkit.state import AdapterRecord, freeze_all_but, get_store, require_store, unwrap
+from adapterkit.strategies.base import Strategy
+from adapterkit.targets import label_head_paths, parameter_bytes
+
+_ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]*$")
+
+
+def _strategy(name: str) -> Strategy:
+    return default_registry.get(name)()
+
+
+def attach(model: nn.Module, strategy: str | AdapterConfig, *, name: str = "default", **options: Any) -> nn.Module:
+    """Add a freshly initialised adapter to ``model`` and make it the active, trainable one.
+
+    Args:
+        model: any transformers ``PreTrainedModel`` (full precision or bitsandbytes 4/8-bit).
+        strategy: a registered strategy name (``"lora"``, ``"prefix"``, ``"head"``, ``"full"``,
+            plugins) or a strategy config object such as ``adapterkit.LoraConfig(r=8)``.
+        name: the adapter's name on this model.
+        **options: the strategy's options, checked against its config.
+
+    Returns:
+        The same model, adapted in place (peft's layers where peft backs the strategy).
+
+    Raises:
+        UnknownStrategyError: no such strategy.
+        InvalidOptionError: an unknown option or bad value (all problems listed at once).
+        IncompatibleModelError: the strategy cannot apply to this model.
+        AdapterExistsError: an adapter of that name is already loaded.
+
+    Example:
+        >>> model = adapterkit.attach(model, "lora", r=8)
+    """
+    if isinstance(strategy, AdapterConfig):
+        if options:
+            raise InvalidOptionError(
+                f"Pass options either in the config object or as keywords, not both (got {sorted(options)})."
+            )
+        config = strategy
+        impl = _strategy(config.strategy)
+        problems = config.validate()
+        if problems:
+            raise InvalidOptionError(f"Invalid options for strategy '{config.strategy}': " + "; ".join(problems))
+    else:
+        impl = _strategy(strategy)
+        config = impl.config_cls.from_options(options)
+    base = unwrap(model)
+    attach_config(base, impl, config, name)
+    return model
+
+
+def attach_config(base: nn.Module, impl: Strategy, config: AdapterConfig, name: str, meta: dict | None = None) -> None:
+    """Attach a validated config (shared by :func:`attach` and :func:`adapterkit.load`)."""
+    if not isinstance(name, str) or not _ADAPTER_NAME.match(name) or name == "base":
+        raise InvalidOptionError(
+            f"Adapter name {name!r} is invalid: use letters, digits, '_' and '-', starting with a letter or digit "
+            "('base' is reserved for the base model)."
+        )
+    store = get_store(base, create=True)
+    if name in store.records:
+        raise AdapterExistsError(
+            f"An adapter named '{name}' is already loaded on this model ({store.records[name].strategy}). "
+            "Pick another name, or adapterkit.detach(model, name) first."
+        )
+    others = [r for r in store.records.values() if not _strategy(r.strategy).shares_base]
+    if store.records and (not impl.shares_base or others):
+        alone = impl.name if not impl.shares_base else others[0].strategy
+        raise IncompatibleModelError(
+            f"A '{alone}' adapter changes the base weights themselves, so it cannot share a base with other "
+            f"adapters (loaded: {', '.join(sorted(store.records))}). Load a fresh base for it."
+        )
+    quantization = quantization_of(base)
+    if quantization and not impl.supports_quantized:
+        raise IncompatibleModelError(
+            f"The '{impl.name}' strategy cannot train a {quantization} quantized base: its 4/8-bit weights take no "
+            "gradient updates. Use 'lora' (QLoRA on a 4-bit base), 'prefix' or 'head', or load the base without bits=."
+        )
+    impl.check_model(base, config)
+    impl.attach(base, config, name)
+    if impl.trains_label_head:
+        store.add_head_copies(base, name, label_head_paths(base))
+    record_meta = {"task": _task_of(base), "label_names": _label_names(base)}
+    record_meta.update(meta or {})
+    store.records[name] = AdapterRecord(name=name, strategy=impl.name, config=config, meta=record_meta)
+    activate(base, name)
+    freeze_all_but(base, list(trainable_parameters(base, name).values()))
+    if quantization and quantization.startswith("bnb-4bit"):
+        keep_4bit_trainable(base)
+
+
+def _task_of(model: nn.Module) -> str:
+    cls = type(model).__name__
+    if cls.endswith("ForSequenceClassification"):
+        return "classification"
+    if getattr(model.config, "is_encoder_decoder", False):
+        return "seq2seq"
+    if cls.endswith(("ForCausalLM", "LMHeadModel")):
+        return "causal-lm"
+    return "feature-extraction"
+
+
+def _label_names(model: nn.Module) -> list[str] | None:
+    if _task_of(model) != "classification":
+        return None
+    id2label = getattr(model.config, "id2label", None) or {}
+    return [str(id2label[i]) for i in sorted(id2label, key=int)] if id2label else None
+
+
+def trainable_parameters(model: nn.Module, name: str) -> dict[str, nn.Parameter]:
+    """Everything adapter ``name`` trains: the strategy's tensors and its own label head."""
+    base = unwrap(model)
+    store = require_store(base)
+    record = store.record(name)
+    params = dict(_strategy(record.strategy).parameters(base, name))
+    if _strategy(record.strategy).trains_label_head:
+        for path, module in store.heads.get(name, {}).items():
+            for pname, p in module.named_parameters():
+                params[f"{path}.{pname}"] = p
+    return params
+
+
+def activate(base: nn.Module, name: str | None) -> None:
+    """Switch the active adapter of an unwrapped model (None: the bare base)."""
+    store = require_store(base)
+    target = store.record(name).strategy if name is not None else None
+    for strategy in {r.strategy for r in store.records.values()}:
+        _strategy(strategy).activate(base, name if strategy == target else None)
+    store.install_heads(base, name)
+    store.active = name
+
+
+class _Switch:
+    """Returned by :func:`use`: the switch already happened; ``with`` restores the previous one."""
+
+    def __init__(self, model: nn.Module, previous: str | None) -> None:
+        self.model = model
+        self.previous = previous
+
+    def __enter__(self) -> nn.Module:
+        return self.model
+
+    def __exit__(self, *exc: object) -> None:
+        activate(unwrap(self.model), self.previous)
+
+
+def use(model: nn.Module, name: str | None) -> _Switch:
+    """Make adapter ``name`` the active one (``None`` for the bare base); no weights are copied.
+
+    Usable as a context manager to switch temporarily:
+
+    Example:
+        >>> adapterkit.use(model, "sentiment")
+        >>> with adapterkit.use(model, "topics"):
+        ...     logits = model(**batch).logits
+    """
+    base = unwrap(model)
+    store = require_store(base)
+    previous = store.active
+    activate(base, name)
+    return _Switch(model, previous)
+
+
+def detach(model: nn.Module, name: str) -> nn.Module:
+    """Remove adapter ``name`` and free its memory; the base's own modules come back."""
+    base = unwrap(model)
+    store = require_store(base)
+    record = store.record(name)
+    impl = _strategy(record.strategy)
+    if store.active == name:
+        activate(base, None)
+    impl.detach(base, name)
+    store.heads.pop(name, None)
+    del store.records[name]
+    if not store.records:
+        store.install_heads(base, None)
+        del base.__dict__["_adapterkit"]
+    return model
+
+
+def list_adapters(model: nn.Module) -> list[str]:
+    """Names of the adapters loaded on ``model``, sorted."""
+    store = get_store(unwrap(model))
+    return sorted(store.records) if store else []
+
+
+def get_active_adapter(model: nn.Module) -> str | None:
+    """Name of the active adapter, or None when the bare base is active."""
+    store = get_store(unwrap(model))
+    return store.active if store else None
+
+
+def get_adapter_record(model: nn.Module, name: str) -> AdapterRecord:
+    """The record (strategy, config, metadata) of adapter ``name``."""
+    return require_store(unwrap(model)).record(name)
+
+
+@dataclasses.dataclass
+class AdapterSummary:
+    """One adapter's line in :class:`ModelSummary`."""
+
+    name: str
+    strategy: str
+    options: dict[str, Any]
+    parameters: int
+    bytes: int
+    active: bool
+
+
+@dataclasses.dataclass
+class ModelSummary:
+    """What :func:`summary` reports; ``str()`` renders a table."""
+
+    model_class: str
+    total_parameters: int
+    trainable_parameters: int
+    quantization: str | None
+    adapters: list[AdapterSummary]
+
+    @property
+    def trainable_fraction(self) -> float:
+        return self.trainable_parameters / max(self.total_parameters, 1)
+
+    def __str__(self) -> str:
+        lines = [
+            f"{self.model_class}  quantization: {self.quantization or 'none'}",
+            f"trainable parameters: {self.trainable_parameters:,} / {self.total_parameters:,} "
+            f"({100 * self.trainable_fraction:.3f}%)",
+        ]
+        if self.adapters:
+            lines.append(f"{'adapter':<16}{'strategy':<10}{'params':>12}{'bytes':>14}  options")
+            for a in self.adapters:
+                mark = "*" if a.active else " "
+                opts = ", ".join(f"{k}={v}" for k, v in a.options.items())
+                lines.append(f"{mark}{a.name:<15}{a.strategy:<10}{a.parameters:>12,}{a.bytes:>14,}  {opts}")
+        return "\n".join(lines)
+
+
+def _numel(p: nn.Parameter) -> int:
+    # bitsandbytes packs two 4-bit values per byte; count the logical weights.
+    state = getattr(p, "quant_state", None)
+    if state is not None and getattr(state, "shape", None) is not None:
+        n = 1
+        for d in state.shape:
+            n *= int(d)
+        return n
+    return p.numel()
+
+
+def summary(model: nn.Module) -> ModelSummary:
+    """Trainable / total parameters, adapter sizes, strategies and options, quantization.
+
+    Example:
+        >>> print(adapterkit.summary(model))
+    """
+    base = unwrap(model)
+    seen: dict[int, nn.Parameter] = {id(p): p for p in base.parameters()}
+    store = get_store(base)
+    adapters = []
+    if store:
+        for name in sorted(store.records):
+            params = trainable_parameters(base, name)
+            for p in params.values():
+                seen.setdefault(id(p), p)
+            record = store.records[name]
+            tensors = {k: p.detach() for k, p in params.items()}
+            adapters.append(
+                AdapterSummary(
+                    name=name,
+                    strategy=record.strategy,
+                    options=record.config.to_dict(),
+                    parameters=sum(t.numel() for t in tensors.values()),
+                    bytes=parameter_bytes(tensors),
+                    active=store.active == name,
+                )
+            )
+    total = sum(_numel(p) for p in seen.values())
+    trainable = sum(p.numel() for p in base.parameters() if p.requires_grad)
+    return ModelSummary(type(base).__name__, total, trainable, quantization_of(base), adapters)

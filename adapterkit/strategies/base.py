@@ -1,0 +1,103 @@
+"""The interface every strategy implements, built-in or plugin.
+
+A strategy owns everything specific to one adapter method: which parameters it adds or
+unfreezes, how it makes one of its adapters active, and how its tensors are written and
+read. The rest of adapterkit (``api.py``, ``artifacts.py``, ``runtime.py``) never branches
+on the strategy's name.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from adapterkit.config import AdapterConfig
+
+
+class Strategy:
+    """Base class of adapter strategies.
+
+    Subclasses set ``config_cls`` and implement the hooks below; ``name`` is filled in by
+    the registry. An instance is stateless: all adapter state lives on the model, in
+    :class:`adapterkit.state.AdapterStore`.
+    """
+
+    name: ClassVar[str] = ""
+    config_cls: ClassVar[type[AdapterConfig]] = AdapterConfig
+    #: Whether the label head (classifier/score) is trained and saved with each adapter.
+    trains_label_head: ClassVar[bool] = True
+    #: Whether several adapters of this strategy (and others) can share one base.
+    shares_base: ClassVar[bool] = True
+    #: Whether the strategy can train on a 4/8-bit quantized base.
+    supports_quantized: ClassVar[bool] = True
+    #: Whether a freshly attached adapter leaves the model's outputs unchanged.
+    identity_at_init: ClassVar[bool] = True
+
+    def check_model(self, model: nn.Module, config: AdapterConfig) -> None:
+        """Raise :class:`~adapterkit.errors.IncompatibleModelError` if the model can't take this strategy."""
+
+    def attach(self, model: nn.Module, config: AdapterConfig, name: str) -> None:
+        """Add adapter ``name`` to ``model`` in place, freshly initialised."""
+        raise NotImplementedError
+
+    def activate(self, model: nn.Module, name: str | None) -> None:
+        """Make ``name`` (one of this strategy's adapters) active, or none of them when ``None``.
+
+        Called on every switch, so it must be cheap: no weight copies.
+        """
+        raise NotImplementedError
+
+    def detach(self, model: nn.Module, name: str) -> None:
+        """Remove adapter ``name`` and free its memory."""
+        raise NotImplementedError
+
+    def parameters(self, model: nn.Module, name: str) -> dict[str, nn.Parameter]:
+        """The parameters adapter ``name`` trains (label head excluded), by model path."""
+        raise NotImplementedError
+
+    def state_dict(self, model: nn.Module, name: str) -> dict[str, torch.Tensor]:
+        """Adapter ``name``'s tensors in this strategy's file format (label head excluded)."""
+        return {k: p.detach() for k, p in self.parameters(model, name).items()}
+
+    def load_state_dict(self, model: nn.Module, name: str, tensors: dict[str, torch.Tensor]) -> None:
+        """Copy saved tensors (as returned by :meth:`state_dict`) into adapter ``name``."""
+        params = self.parameters(model, name)
+        _copy_exact(params, tensors, self.name)
+
+    def write_files(self, model: nn.Module, name: str, folder: Path, head: dict[str, torch.Tensor]) -> None:
+        """Write the adapter's weights (and the label head's) into ``folder``.
+
+        The default writes ``adapter.safetensors``; peft-backed strategies override it to
+        write peft's own files.
+        """
+        from adapterkit.artifacts import write_safetensors
+
+        write_safetensors(folder / "adapter.safetensors", {**self.state_dict(model, name), **head})
+
+    def config_from_files(self, folder: Path) -> AdapterConfig | None:
+        """Rebuild a config from files a foreign tool wrote (plain peft), or None."""
+        return None
+
+
+def _copy_exact(params: dict[str, nn.Parameter], tensors: dict[str, torch.Tensor], strategy: str) -> None:
+    from adapterkit.errors import AdapterMismatchError
+
+    missing = sorted(set(params) - set(tensors))
+    unexpected = sorted(set(tensors) - set(params))
+    if missing or unexpected:
+        raise AdapterMismatchError(
+            f"The saved '{strategy}' adapter does not fit this model: "
+            f"{len(missing)} tensors missing (e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})."
+        )
+    for key, param in params.items():
+        value = tensors[key]
+        if tuple(value.shape) != tuple(param.shape):
+            raise AdapterMismatchError(
+                f"The saved '{strategy}' adapter does not fit this model: tensor '{key}' has shape "
+                f"{tuple(value.shape)} in the file but {tuple(param.shape)} in the model."
+            )
+        with torch.no_grad():
+            param.copy_(value.to(device=param.device, dtype=param.dtype))

@@ -1,0 +1,224 @@
+"""LoRA: low-rank updates on the backbone's linear layers (DoRA and rsLoRA as options).
+
+Trains A (r x in) and B (out x r) per adapted layer; the layer computes
+``W x + (alpha / r) * B A x`` (Hu et al. 2021, https://arxiv.org/abs/2106.09685; DoRA adds a
+learned magnitude, https://arxiv.org/abs/2402.09353). The maths is peft's: adapterkit injects
+peft's LoRA layers in place, so many LoRA adapters (and adapters of other strategies) share
+one base, and writes peft's own files so plain peft, vLLM or LoRAX load them. On a 4/8-bit
+base peft dispatches to its bitsandbytes layers: that is QLoRA.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from adapterkit.config import AdapterConfig
+from adapterkit.errors import IncompatibleModelError
+from adapterkit.registry import register_strategy
+from adapterkit.state import get_store
+from adapterkit.strategies.base import Strategy
+from adapterkit.targets import linear_layer_names
+
+PEFT_PREFIX = "base_model.model."
+
+
+@dataclasses.dataclass(kw_only=True)
+class LoraConfig(AdapterConfig):
+    """Options of the ``lora`` strategy (peft's names).
+
+    Attributes:
+        r: rank of the update.
+        lora_alpha: scale numerator; ``None`` means ``2 * r``.
+        lora_dropout: dropout on the LoRA path.
+        target_modules: ``None`` or ``"all-linear"`` for every linear layer of the backbone,
+            ``"attention"`` for those inside attention blocks, or module names / suffixes.
+        use_dora: weight-decomposed LoRA (learned magnitude per output).
+        use_rslora: scale by ``alpha / sqrt(r)`` instead of ``alpha / r``.
+    """
+
+    strategy = "lora"
+
+    r: int = 8
+    lora_alpha: float | None = None
+    lora_dropout: float = 0.0
+    target_modules: list[str] | str | None = None
+    use_dora: bool = False
+    use_rslora: bool = False
+
+    def validate(self) -> list[str]:
+        problems = []
+        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r < 1:
+            problems.append(f"r must be a positive integer, got {self.r!r}")
+        if self.lora_alpha is not None and not (isinstance(self.lora_alpha, (int, float)) and self.lora_alpha > 0):
+            problems.append(f"lora_alpha must be a positive number or None, got {self.lora_alpha!r}")
+        if not (isinstance(self.lora_dropout, (int, float)) and 0 <= self.lora_dropout < 1):
+            problems.append(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        tm = self.target_modules
+        if not (tm is None or isinstance(tm, str) or (isinstance(tm, (list, tuple)) and tm and all(isinstance(t, str) for t in tm))):
+            problems.append(f"target_modules must be None, 'all-linear', 'attention' or a non-empty list of names, got {tm!r}")
+        if isinstance(tm, tuple):
+            self.target_modules = list(tm)
+        return problems
+
+
+def resolve_targets(model: nn.Module, target_modules: list[str] | str | None) -> list[str]:
+    """Full paths of the layers to adapt, discovered from the model.
+
+    Raises:
+        IncompatibleModelError: nothing matches, with the candidate names.
+    """
+    if target_modules in (None, "all-linear"):
+        names = linear_layer_names(model, scope="all")
+    elif target_modules == "attention":
+        names = linear_layer_names(model, scope="attention")
+    else:
+        wanted = [target_modules] if isinstance(target_modules, str) else list(target_modules)
+        candidates = linear_layer_names(model, scope="all")
+        names = [n for n in candidates if any(n == t or n.endswith("." + t) for t in wanted)]
+        unmatched = [t for t in wanted if not any(n == t or n.endswith("." + t) for n in candidates)]
+        if unmatched:
+            suffixes = sorted({n.rsplit(".", 1)[-1] for n in candidates})
+            raise IncompatibleModelError(
+                f"target_modules {unmatched} match no linear layer of {type(model).__name__}. "
+                f"Linear layers of its backbone end in: {', '.join(suffixes)}."
+            )
+    if not names:
+        raise IncompatibleModelError(
+            f"LoRA found no linear layer to adapt in {type(model).__name__} (target_modules={target_modules!r})."
+        )
+    return names
+
+
+def _compact(model: nn.Module, names: list[str]) -> list[str]:
+    """The shortest target list peft matches to exactly ``names`` (suffixes when unambiguous)."""
+    suffixes = sorted({n.rsplit(".", 1)[-1] for n in names})
+    matched = {n for n, _ in model.named_modules() if any(n.endswith("." + s) or n == s for s in suffixes)}
+    return suffixes if matched == set(names) else sorted(names)
+
+
+def _lora_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    from peft.tuners.lora import LoraLayer
+
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer)]
+
+
+@register_strategy("lora")
+class LoraStrategy(Strategy):
+    """LoRA through peft, injected in place; files in peft's format."""
+
+    config_cls = LoraConfig
+
+    def check_model(self, model: nn.Module, config: LoraConfig) -> None:
+        resolve_targets(model, config.target_modules)
+
+    def peft_config(self, model: nn.Module, config: LoraConfig):
+        """The equivalent ``peft.LoraConfig`` for this model."""
+        import peft
+
+        names = resolve_targets(model, config.target_modules)
+        conv1d = any(type(model.get_submodule(n)).__name__ == "Conv1D" for n in names)
+        return peft.LoraConfig(
+            r=config.r,
+            lora_alpha=config.lora_alpha if config.lora_alpha is not None else 2 * config.r,
+            lora_dropout=config.lora_dropout,
+            target_modules=_compact(model, names),
+            use_dora=config.use_dora,
+            use_rslora=config.use_rslora,
+            # GPT-2's Conv1D stores weights transposed (in x out).
+            fan_in_fan_out=conv1d,
+            inference_mode=False,
+        )
+
+    def attach(self, model: nn.Module, config: LoraConfig, name: str) -> None:
+        import warnings
+
+        import peft
+
+        peft_cfg = self.peft_config(model, config)
+        with warnings.catch_warnings():
+            # peft warns about Conv1D fan_in_fan_out, which we set on purpose.
+            warnings.filterwarnings("ignore", message=".*fan_in_fan_out.*")
+            # Several adapters on one base is the point; peft warns about it.
+            warnings.filterwarnings("ignore", message=".*Already found a `peft_config`.*")
+            peft.inject_adapter_in_model(peft_cfg, model, adapter_name=name)
+        store = get_store(model)
+        store.extra.setdefault("lora_peft_config", {})[name] = peft_cfg
+        store.extra["lora_layers"] = _lora_layers(model)
+
+    def activate(self, model: nn.Module, name: str | None) -> None:
+        # Setting the layer attribute directly avoids peft's set_adapter, which also walks
+        # every adapter to flip requires_grad and gets slower with each adapter loaded.
+        active = [name] if name is not None else []
+        for _, layer in get_store(model).extra.get("lora_layers", []):
+            layer._active_adapter = active
+            layer._disable_adapters = False
+
+    def detach(self, model: nn.Module, name: str) -> None:
+        store = get_store(model)
+        for path, layer in store.extra.get("lora_layers", []):
+            layer.delete_adapter(name)
+            if not layer.lora_A and not getattr(layer, "lora_embedding_A", None):
+                parent_path, _, attr = path.rpartition(".")
+                parent = model.get_submodule(parent_path) if parent_path else model
+                setattr(parent, attr, layer.get_base_layer())
+        store.extra.get("lora_peft_config", {}).pop(name, None)
+        store.extra["lora_layers"] = _lora_layers(model)
+        if not store.extra["lora_layers"] and hasattr(model, "peft_config"):
+            del model.peft_config
+
+    def parameters(self, model: nn.Module, name: str) -> dict[str, nn.Parameter]:
+        params: dict[str, nn.Parameter] = {}
+        for path, layer in get_store(model).extra.get("lora_layers", []):
+            for attr in layer.adapter_layer_names:
+                container = getattr(layer, attr, None)
+                if container is None or name not in container:
+                    continue
+                item = container[name]
+                if isinstance(item, nn.Parameter):
+                    params[f"{PEFT_PREFIX}{path}.{attr}"] = item
+                    continue
+                for pname, p in item.named_parameters():
+                    key = f"{PEFT_PREFIX}{path}.{attr}.{pname}"
+                    # peft saves DoRA's magnitude without the ".weight" of its module.
+                    if attr == "lora_magnitude_vector" and key.endswith(".weight"):
+                        key = key[: -len(".weight")]
+                    params[key] = p
+        return params
+
+    def write_files(self, model: nn.Module, name: str, folder: Path, head: dict[str, torch.Tensor]) -> None:
+        from adapterkit.artifacts import base_model_id, write_safetensors
+
+        peft_cfg = get_store(model).extra["lora_peft_config"][name]
+        peft_cfg = dataclasses.replace(peft_cfg)
+        peft_cfg.inference_mode = True
+        peft_cfg.base_model_name_or_path = base_model_id(model)
+        heads = sorted({k.split(".")[0] for k in head})
+        peft_cfg.modules_to_save = heads or None
+        peft_cfg.save_pretrained(str(folder))
+        tensors = dict(self.state_dict(model, name))
+        tensors.update({PEFT_PREFIX + k: v for k, v in head.items()})
+        write_safetensors(folder / "adapter_model.safetensors", tensors, metadata={"format": "pt"})
+
+    def config_from_files(self, folder: Path) -> LoraConfig | None:
+        path = folder / "adapter_config.json"
+        if not path.is_file():
+            return None
+        data = json.loads(path.read_text())
+        if data.get("peft_type") != "LORA":
+            return None
+        target = data.get("target_modules")
+        if isinstance(target, list):
+            target = sorted(target)
+        return LoraConfig(
+            r=int(data.get("r", 8)),
+            lora_alpha=data.get("lora_alpha"),
+            lora_dropout=float(data.get("lora_dropout", 0.0)),
+            target_modules=target,
+            use_dora=bool(data.get("use_dora", False)),
+            use_rslora=bool(data.get("use_rslora", False)),
+        )
