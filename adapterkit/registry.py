@@ -46,13 +46,13 @@ class Registry:
         """Register ``cls`` under ``name``; a taken name raises unless ``override=True``."""
         if not _NAME_RE.match(name):
             raise InvalidOptionError(f"Strategy name '{name}' is invalid: use lower case letters, digits and '_'.")
+        if name in self._builtin and not builtin and not override:
+            raise InvalidOptionError(f"'{name}' is a built-in strategy and cannot be shadowed; pick another name.")
         if name in self._strategies and not override:
             raise InvalidOptionError(
                 f"A strategy named '{name}' is already registered ({self._strategies[name].__qualname__}); "
                 "pass override=True to replace it."
             )
-        if name in self._builtin and not builtin and not override:
-            raise InvalidOptionError(f"'{name}' is a built-in strategy and cannot be shadowed.")
         cls.name = name
         self._strategies[name] = cls
         if builtin:

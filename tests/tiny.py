@@ -70,3 +70,39 @@ def make_batch(arch: str, *, batch_size: int = 4, length: int = 8, seed: int = 0
         labels[mask == 0] = -100
         batch["labels"] = labels
     return batch
+
+
+def save_tiny(arch: str, folder, *, seed: int = 0, **overrides) -> str:
+    """Save a tiny model of ``arch`` with a word-level tokenizer, loadable by ``load_base``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    torch.manual_seed(seed)
+    model = make_wide(arch) if overrides.pop("wide", False) else TINY[arch]()
+    for key, value in overrides.items():
+        setattr(model.config, key, value)
+    model.save_pretrained(folder)
+    vocab = {"<pad>": 0, "<unk>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, VOCAB)}}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = tf.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>", eos_token="</s>")
+    fast.save_pretrained(folder)
+    return str(folder)
+
+
+def make_wide(arch: str):
+    """A tiny model wide enough (hidden 64) for bitsandbytes' 64-element quantization blocks."""
+    if arch == "llama":
+        return tf.LlamaForCausalLM(
+            tf.LlamaConfig(
+                vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, max_position_embeddings=64, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+            )
+        )
+    if arch == "bert":
+        return tf.BertForSequenceClassification(
+            tf.BertConfig(
+                vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+                hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, num_labels=3, max_position_embeddings=64,
+            )
+        )
+    raise KeyError(arch)
