@@ -19,11 +19,14 @@ from adapterkit.api import (
     get_active_adapter,
     get_adapter_record,
     list_adapters,
+    load,
     summary,
     trainable_parameters,
     use,
 )
+from adapterkit.artifacts import save
 from adapterkit.base_model import load_base
+from adapterkit.hub import publish
 from adapterkit.config import AdapterConfig
 from adapterkit.errors import (
     AdapterExistsError,
@@ -71,8 +74,11 @@ __all__ = [
     "get_strategy",
     "list_adapters",
     "list_strategies",
+    "load",
     "load_base",
+    "publish",
     "register_strategy",
+    "save",
     "summary",
     "trainable_parameters",
     "use",

@@ -13,7 +13,7 @@ from typing import Any
 from torch import nn
 
 from adapterkit.config import AdapterConfig
-from adapterkit.errors import AdapterExistsError, IncompatibleModelError, InvalidOptionError
+from adapterkit.errors import AdapterExistsError, AdapterNotFoundError, IncompatibleModelError, InvalidOptionError
 from adapterkit.quantized import keep_4bit_trainable, quantization_of
 from adapterkit.registry import default_registry
 from adapterkit.state import AdapterRecord, freeze_all_but, get_store, require_store, unwrap
@@ -94,11 +94,15 @@ def attach_config(base: nn.Module, impl: Strategy, config: AdapterConfig, name: 
             "gradient updates. Use 'lora' (QLoRA on a 4-bit base), 'prefix' or 'head', or load the base without bits=."
         )
     impl.check_model(base, config)
+    from adapterkit.artifacts import fingerprint
+
+    record_meta = {"task": _task_of(base), "label_names": _label_names(base), "quantization": quantization}
+    record_meta.update(meta or {})
+    # Taken before training: a `full` adapter changes the very weights the fingerprint reads.
+    record_meta.setdefault("base_fingerprint", fingerprint(base))
     impl.attach(base, config, name)
     if impl.trains_label_head:
         store.add_head_copies(base, name, label_head_paths(base))
-    record_meta = {"task": _task_of(base), "label_names": _label_names(base)}
-    record_meta.update(meta or {})
     store.records[name] = AdapterRecord(name=name, strategy=impl.name, config=config, meta=record_meta)
     activate(base, name)
     freeze_all_but(base, list(trainable_parameters(base, name).values()))
@@ -145,6 +149,10 @@ def activate(base: nn.Module, name: str | None) -> None:
         _strategy(strategy).activate(base, name if strategy == target else None)
     store.install_heads(base, name)
     store.active = name
+    labels = store.records[name].meta.get("label_names") if name is not None else None
+    if labels and getattr(base.config, "id2label", None) != dict(enumerate(labels)):
+        base.config.id2label = dict(enumerate(labels))
+        base.config.label2id = {label: i for i, label in enumerate(labels)}
 
 
 class _Switch:
@@ -294,3 +302,44 @@ def summary(model: nn.Module) -> ModelSummary:
     total = sum(_numel(p) for p in seen.values())
     trainable = sum(p.numel() for p in base.parameters() if p.requires_grad)
     return ModelSummary(type(base).__name__, total, trainable, quantization_of(base), adapters)
+
+
+def load(
+    model: nn.Module,
+    source: str,
+    *,
+    name: str | None = None,
+    revision: str | None = None,
+    ignore_mismatch: bool = False,
+    token: str | None = None,
+) -> nn.Module:
+    """Load a saved adapter from a local folder or a Hub repo id and make it active.
+
+    The adapter must fit the base (architecture, shapes, weight fingerprint); a mismatch is
+    refused with both bases named unless ``ignore_mismatch=True``. Heads and label names are
+    restored. Plain peft folders (LoRA, prefix) load too.
+
+    Args:
+        model: the base model (it may already carry other adapters).
+        source: a folder written by :func:`save` or peft, or a Hub repo id.
+        name: the name to load it under (default: its saved name, else ``"default"``).
+        revision: Hub branch, tag or commit.
+        ignore_mismatch: load even if the adapter was trained on another base.
+        token: Hub token for private repos.
+
+    Returns:
+        The same model, like :func:`attach`.
+    """
+    from pathlib import Path
+
+    from adapterkit.artifacts import load_folder
+
+    folder = Path(source)
+    if not folder.is_dir():
+        if folder.exists() or source.startswith((".", "/", "~")) or source.count("/") > 1:
+            raise AdapterNotFoundError(f"{source} is not a folder with a saved adapter, nor a Hub repo id.")
+        from adapterkit.hub import download
+
+        folder = download(source, revision=revision, token=token)
+    load_folder(unwrap(model), folder, name=name, ignore_mismatch=ignore_mismatch, source=source)
+    return model

@@ -48,8 +48,20 @@ def is_vocab_head(model: nn.Module, path: str) -> bool:
 
 
 def label_head_paths(model: nn.Module) -> list[str]:
-    """Head modules that belong to the task (not the vocabulary projection)."""
-    return [p for p in head_paths(model) if not is_vocab_head(model, p)]
+    """Modules that belong to the task: label heads and, in front of them, the pooler.
+
+    The pooler (BERT's ``pooler.dense``) only feeds the classifier, and sentence-embedding
+    checkpoints never trained it, so it is trained per task with the classifier.
+    """
+    heads = [p for p in head_paths(model) if not is_vocab_head(model, p)]
+    pooler = pooler_path(model)
+    return [pooler, *heads] if heads and pooler else heads
+
+
+def head_zone(model: nn.Module) -> list[str]:
+    """Every path a head adapter may swap (heads and pooler); other strategies leave them alone."""
+    pooler = pooler_path(model)
+    return [*head_paths(model), *([pooler] if pooler else [])]
 
 
 def pooler_path(model: nn.Module) -> str | None:
@@ -77,7 +89,7 @@ def linear_layer_names(model: nn.Module, *, scope: str = "all") -> list[str]:
         scope: ``"all"`` for every linear layer, ``"attention"`` for those inside modules
             whose class name says attention.
     """
-    excluded = [*head_paths(model), STORE_NAME]
+    excluded = head_zone(model)
     names: list[str] = []
     attention_prefixes: list[str] = []
     for name, module in model.named_modules():

@@ -197,7 +197,7 @@ class LoraStrategy(Strategy):
         peft_cfg = dataclasses.replace(peft_cfg)
         peft_cfg.inference_mode = True
         peft_cfg.base_model_name_or_path = base_model_id(model)
-        heads = sorted({k.split(".")[0] for k in head})
+        heads = sorted({path.rsplit(".", 1)[-1] for path in get_store(model).heads.get(name, {})})
         peft_cfg.modules_to_save = heads or None
         peft_cfg.save_pretrained(str(folder))
         tensors = dict(self.state_dict(model, name))

@@ -221,7 +221,7 @@ class PrefixStrategy(Strategy):
             "prefix_projection": False,
             "inference_mode": True,
             "base_model_name_or_path": base_model_id(model),
-            "modules_to_save": sorted({k.split(".")[0] for k in head}) or None,
+            "modules_to_save": sorted({path.rsplit(".", 1)[-1] for path in get_store(model).heads.get(name, {})}) or None,
         }
         tmp = folder / "adapter_config.json"
         tmp.write_text(json.dumps(peft_config, indent=2, sort_keys=True))
