@@ -41,6 +41,8 @@ from adapterkit.errors import (
     StrategyImportError,
     UnknownStrategyError,
 )
+from adapterkit.runtime import mixed_batch
+from adapterkit.training import TrainSettings, train
 from adapterkit.registry import Registry, get_strategy, list_strategies, register_strategy
 from adapterkit.strategies import FullConfig, HeadConfig, LoraConfig, PrefixConfig, Strategy
 
@@ -65,6 +67,7 @@ __all__ = [
     "PrefixConfig",
     "Registry",
     "Strategy",
+    "TrainSettings",
     "StrategyImportError",
     "UnknownStrategyError",
     "attach",
@@ -76,10 +79,12 @@ __all__ = [
     "list_strategies",
     "load",
     "load_base",
+    "mixed_batch",
     "publish",
     "register_strategy",
     "save",
     "summary",
     "trainable_parameters",
+    "train",
     "use",
 ]

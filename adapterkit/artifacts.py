@@ -366,11 +366,8 @@ def load_folder(
         if isinstance(err, (AdapterMismatchError, AdapterFormatError)) or not isinstance(err, ValueError):
             raise
         raise AdapterMismatchError(f"The adapter in {source or folder} cannot be attached to this model: {err}") from err
-    store = get_store(base)
     try:
-        own_keys = set(impl.parameters(base, name))
-        impl.load_state_dict(base, name, {k: v for k, v in tensors.items() if k in own_keys})
-        _load_heads(store.heads.get(name, {}) if impl.trains_label_head else {}, tensors, own_keys, folder)
+        _restore(base, get_store(base), impl, name, tensors, folder)
     except BaseException:
         from adapterkit.api import detach
 
@@ -379,6 +376,26 @@ def load_folder(
     freeze_all_but(base, [])  # a loaded adapter is for inference until train() says otherwise
     activate(base, name)
     return name
+
+
+def _restore(base: nn.Module, store, impl, name: str, tensors: dict[str, torch.Tensor], folder: Path) -> None:
+    own_keys = set(impl.parameters(base, name))
+    impl.load_state_dict(base, name, {k: v for k, v in tensors.items() if k in own_keys})
+    _load_heads(store.heads.get(name, {}) if impl.trains_label_head else {}, tensors, own_keys, folder)
+
+
+def restore_weights(model: nn.Module, name: str, folder: Path) -> None:
+    """Copy the weights saved in ``folder`` into the already loaded adapter ``name`` (resume)."""
+    from adapterkit.api import _strategy
+    from adapterkit.state import require_store, unwrap
+
+    base = unwrap(model)
+    store = require_store(base)
+    impl = _strategy(store.record(name).strategy)
+    weight_path = next((folder / f for f in WEIGHT_FILES if (folder / f).is_file()), None)
+    if weight_path is None:
+        raise AdapterFormatError(f"{folder} has no adapter weights ({' or '.join(WEIGHT_FILES)}).")
+    _restore(base, store, impl, name, read_safetensors(weight_path), folder)
 
 
 def _load_heads(heads: dict[str, nn.Module], tensors: dict[str, torch.Tensor], own: set[str], folder: Path) -> None:

@@ -35,6 +35,8 @@ class Strategy:
     supports_quantized: ClassVar[bool] = True
     #: Whether a freshly attached adapter leaves the model's outputs unchanged.
     identity_at_init: ClassVar[bool] = True
+    #: Whether rows of one batch can go through different adapters of this strategy.
+    supports_mixed_batch: ClassVar[bool] = False
 
     def check_model(self, model: nn.Module, config: AdapterConfig) -> None:
         """Raise :class:`~adapterkit.errors.IncompatibleModelError` if the model can't take this strategy."""

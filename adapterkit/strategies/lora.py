@@ -112,6 +112,7 @@ class LoraStrategy(Strategy):
     """LoRA through peft, injected in place; files in peft's format."""
 
     config_cls = LoraConfig
+    supports_mixed_batch = True
 
     def check_model(self, model: nn.Module, config: LoraConfig) -> None:
         resolve_targets(model, config.target_modules)

@@ -1,0 +1,98 @@
+"""train(): the Trainer-based loop on tiny models; resume; bad input before any training."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+import adapterkit as ak
+from tests.tiny import TINY, save_tiny
+
+
+@pytest.fixture(scope="module")
+def bert_tok(tmp_path_factory):
+    return AutoTokenizer.from_pretrained(save_tiny("bert", tmp_path_factory.mktemp("tok")))
+
+
+def toy_rows(n: int, seed: int = 0) -> list[dict]:
+    """Label 1 iff the sentence contains w5: learnable by every strategy in a few steps."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        words = [f"w{rng.randrange(6, 40)}" for _ in range(rng.randrange(3, 12))]
+        label = i % 2
+        if label:
+            words.insert(rng.randrange(len(words)), "w5")
+        rows.append({"text": " ".join(words), "label": label})
+    return rows
+
+
+def fresh_bert():
+    torch.manual_seed(0)
+    return TINY["bert"]()
+
+
+SETTINGS = dict(num_epochs=4, batch_size=8, max_length=32, show_progress=False, logging_steps=1000)
+
+
+@pytest.mark.parametrize("strategy", ["lora", "head", "full", "prefix"])
+def test_train_learns_and_records_metrics(bert_tok, strategy, tmp_path):
+    model = ak.attach(fresh_bert(), strategy)
+    lr = {"full": 1e-3, "lora": 1e-2, "head": 1e-2, "prefix": 3e-2}[strategy]
+    metrics = ak.train(model, bert_tok, toy_rows(96), toy_rows(48, seed=1), learning_rate=lr, **SETTINGS)
+    assert metrics["eval_accuracy"] >= 0.75, metrics
+    assert 0.0 <= metrics["eval_macro_f1"] <= 1.0
+    folder = ak.save(model, tmp_path / "a")
+    import json
+
+    sidecar = json.loads((folder / "adapterkit.json").read_text())
+    assert sidecar["metrics"]["eval_accuracy"] == metrics["eval_accuracy"]
+    assert sidecar["recipe"]["train_settings"]["learning_rate"] == lr
+
+
+def test_interrupted_training_resumes_to_the_same_result(bert_tok, tmp_path):
+    common = dict(SETTINGS, num_epochs=2, save_strategy="steps", save_steps=6, seed=3, eval_strategy="no")
+    data = toy_rows(48)
+    full = ak.attach(fresh_bert(), "lora")
+    ak.train(full, bert_tok, data, output_dir=str(tmp_path / "full"), **common)
+    reference = {k: v.detach().clone() for k, v in ak.trainable_parameters(full, "default").items()}
+
+    first = ak.attach(fresh_bert(), "lora")
+    ak.train(first, bert_tok, data, output_dir=str(tmp_path / "cut"), max_steps=6, **{**common, "num_epochs": 2})
+    resumed = ak.attach(fresh_bert(), "lora")
+    ak.train(resumed, bert_tok, data, output_dir=str(tmp_path / "cut"),
+             resume_from_checkpoint=str(tmp_path / "cut" / "checkpoint-6"), **common)
+    for key, value in ak.trainable_parameters(resumed, "default").items():
+        torch.testing.assert_close(value.detach(), reference[key], rtol=1e-5, atol=1e-6)
+
+
+def test_causal_lm_completion_loss(tmp_path):
+    tok = AutoTokenizer.from_pretrained(save_tiny("llama", tmp_path / "llama"))
+    torch.manual_seed(0)
+    model = ak.attach(TINY["llama"](), "lora")
+    rows = [{"prompt": "w3 w4 w5 ->", "completion": " w9"}, {"prompt": "w6 w7 ->", "completion": " w10"}] * 8
+    metrics = ak.train(model, tok, rows, rows, num_epochs=3, learning_rate=1e-2, batch_size=4, show_progress=False)
+    assert metrics["eval_loss"] < metrics["train_loss"] * 2 and "eval_perplexity" in metrics
+
+
+@pytest.mark.parametrize(
+    "rows,message",
+    [
+        ([{"sentence": "w3", "label": 0}], "needs columns 'text' and 'label'"),
+        ([{"text": "w3", "label": 7}], "labels outside 0..2"),
+        ([], "train_data is empty"),
+    ],
+)
+def test_bad_data_fails_before_training(bert_tok, rows, message):
+    model = ak.attach(fresh_bert(), "lora")
+    with pytest.raises(ak.DataError, match=message):
+        ak.train(model, bert_tok, rows, **SETTINGS)
+
+
+def test_unknown_setting_is_named(bert_tok):
+    model = ak.attach(fresh_bert(), "lora")
+    with pytest.raises(ak.InvalidOptionError, match="'learning_rte'.*Did you mean 'learning_rate'"):
+        ak.train(model, bert_tok, toy_rows(8), learning_rte=1e-3)
