@@ -263,6 +263,7 @@ def train(
     *,
     name: str | None = None,
     recipe: dict[str, Any] | None = None,
+    callbacks: list[Any] | None = None,
     **settings: Any,
 ) -> dict[str, float]:
     """Train the active adapter (or ``name``) with transformers' Trainer.
@@ -275,6 +276,7 @@ def train(
         eval_data: the same shape, evaluated each epoch and at the end.
         name: the adapter to train (default: the active one).
         recipe: settings to record in the adapter's sidecar.
+        callbacks: ``transformers.TrainerCallback`` objects (early stopping, logging, ...).
         **settings: see :class:`TrainSettings` (``learning_rate``, ``num_epochs``, ``batch_size``,
             ``max_length``, ``seed``, ``output_dir``, ``resume_from_checkpoint``, ...).
 
@@ -327,7 +329,7 @@ def train(
         per_device_train_batch_size=cfg.batch_size,
         per_device_eval_batch_size=cfg.eval_batch_size,
         gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-        warmup_ratio=cfg.warmup_ratio,
+        warmup_steps=cfg.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps
         weight_decay=cfg.weight_decay,
         seed=cfg.seed,
         data_seed=cfg.seed,
@@ -354,6 +356,7 @@ def train(
         data_collator=_Collator(tokenizer),
         processing_class=tokenizer,
         compute_metrics=_compute_classification_metrics if task == "classification" else None,
+        callbacks=callbacks,
     )
     trainer.adapter_name = name
     logger.info(

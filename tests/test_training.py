@@ -6,7 +6,7 @@ import random
 
 import pytest
 import torch
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, TrainerCallback
 
 import adapterkit as ak
 from tests.tiny import TINY, save_tiny
@@ -18,14 +18,13 @@ def bert_tok(tmp_path_factory):
 
 
 def toy_rows(n: int, seed: int = 0) -> list[dict]:
-    """Label 1 iff the sentence contains w5: learnable by every strategy in a few steps."""
+    """Two classes with disjoint vocabularies: learnable by every strategy in a few steps."""
     rng = random.Random(seed)
     rows = []
     for i in range(n):
-        words = [f"w{rng.randrange(6, 40)}" for _ in range(rng.randrange(3, 12))]
         label = i % 2
-        if label:
-            words.insert(rng.randrange(len(words)), "w5")
+        low, high = (6, 22) if label else (22, 40)
+        words = [f"w{rng.randrange(low, high)}" for _ in range(rng.randrange(3, 12))]
         rows.append({"text": " ".join(words), "label": label})
     return rows
 
@@ -38,13 +37,23 @@ def fresh_bert():
 SETTINGS = dict(num_epochs=4, batch_size=8, max_length=32, show_progress=False, logging_steps=1000)
 
 
+def eval_loss(model, tok, rows) -> float:
+    enc = tok([r["text"] for r in rows], return_tensors="pt", padding=True)
+    model.eval()
+    with torch.no_grad():
+        return model(**enc, labels=torch.tensor([r["label"] for r in rows])).loss.item()
+
+
 @pytest.mark.parametrize("strategy", ["lora", "head", "full", "prefix"])
-def test_train_learns_and_records_metrics(bert_tok, strategy, tmp_path):
+def test_train_lowers_eval_loss_and_records_metrics(bert_tok, strategy, tmp_path):
     model = ak.attach(fresh_bert(), strategy)
-    lr = {"full": 1e-3, "lora": 1e-2, "head": 1e-2, "prefix": 3e-2}[strategy]
-    metrics = ak.train(model, bert_tok, toy_rows(96), toy_rows(48, seed=1), learning_rate=lr, **SETTINGS)
-    assert metrics["eval_accuracy"] >= 0.75, metrics
-    assert 0.0 <= metrics["eval_macro_f1"] <= 1.0
+    lr = {"full": 3e-4, "lora": 1e-2, "head": 1e-2, "prefix": 3e-2}[strategy]
+    train_rows, eval_rows = toy_rows(96), toy_rows(48, seed=1)
+    before = eval_loss(model, bert_tok, eval_rows)
+    metrics = ak.train(model, bert_tok, train_rows, eval_rows, learning_rate=lr, **SETTINGS)
+    assert metrics["eval_loss"] < before
+    assert metrics["eval_loss"] == pytest.approx(eval_loss(model, bert_tok, eval_rows), rel=1e-4)
+    assert 0.0 <= metrics["eval_macro_f1"] <= 1.0 and 0.0 <= metrics["eval_accuracy"] <= 1.0
     folder = ak.save(model, tmp_path / "a")
     import json
 
@@ -60,8 +69,12 @@ def test_interrupted_training_resumes_to_the_same_result(bert_tok, tmp_path):
     ak.train(full, bert_tok, data, output_dir=str(tmp_path / "full"), **common)
     reference = {k: v.detach().clone() for k, v in ak.trainable_parameters(full, "default").items()}
 
+    class Interrupt(TrainerCallback):  # the process dies right after step 6 was checkpointed
+        def on_step_end(self, args, state, control, **kwargs):
+            control.should_training_stop = state.global_step >= 6
+
     first = ak.attach(fresh_bert(), "lora")
-    ak.train(first, bert_tok, data, output_dir=str(tmp_path / "cut"), max_steps=6, **{**common, "num_epochs": 2})
+    ak.train(first, bert_tok, data, output_dir=str(tmp_path / "cut"), callbacks=[Interrupt()], **common)
     resumed = ak.attach(fresh_bert(), "lora")
     ak.train(resumed, bert_tok, data, output_dir=str(tmp_path / "cut"),
              resume_from_checkpoint=str(tmp_path / "cut" / "checkpoint-6"), **common)

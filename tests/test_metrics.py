@@ -1,0 +1,98 @@
+"""adapterkit.metrics on hand-computed examples and the real GSM8K answers."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from transformers import EvalPrediction
+
+from adapterkit.data import data_dir
+from adapterkit.errors import DataError
+from adapterkit.metrics import accuracy, classification_metrics, compute_metrics, exact_match, gsm8k_answer, macro_f1
+
+# preds vs labels: class 0 has tp=1 fp=1 fn=1 (F1 2/4), class 1 tp=2 fp=1 fn=1 (F1 4/6)
+PREDS = [0, 0, 1, 1, 1]
+LABELS = [0, 1, 1, 1, 0]
+
+
+def test_accuracy():
+    assert accuracy(PREDS, LABELS) == pytest.approx(3 / 5)
+    assert accuracy(np.array([1, 2]), np.array([1, 2])) == 1.0
+
+
+def test_macro_f1():
+    assert macro_f1(PREDS, LABELS) == pytest.approx((1 / 2 + 2 / 3) / 2)
+    # a declared class never seen scores 0, as scikit-learn's zero_division=0
+    assert macro_f1(PREDS, LABELS, num_labels=3) == pytest.approx((1 / 2 + 2 / 3 + 0) / 3)
+    # a predicted class absent from the labels counts (F1 0) by default
+    assert macro_f1([0, 2], [0, 1]) == pytest.approx((1 + 0 + 0) / 3)
+    assert macro_f1([1, 1], [1, 1]) == 1.0
+
+
+def test_length_mismatch_and_empty():
+    with pytest.raises(DataError, match="2 predictions for 3 labels"):
+        accuracy([0, 1], [0, 1, 1])
+    with pytest.raises(DataError, match="empty"):
+        macro_f1([], [])
+    with pytest.raises(DataError, match="1 predictions for 2 references"):
+        exact_match(["a"], ["a", "b"])
+    with pytest.raises(DataError, match="empty"):
+        exact_match([], [])
+
+
+def test_classification_metrics():
+    out = classification_metrics(PREDS, LABELS)
+    assert out == {"accuracy": pytest.approx(0.6), "macro_f1": pytest.approx(7 / 12)}
+    assert all(type(v) is float for v in out.values())
+
+
+def test_compute_metrics_tuple_and_ignored_labels():
+    logits = np.array([[2.0, 0.1], [1.0, 0.0], [0.0, 3.0], [0.2, 0.9], [0.0, 1.0], [5.0, 0.0]])
+    labels = np.array([0, 1, 1, 1, 0, -100])  # argmax = PREDS + a last, ignored row
+    hidden = np.zeros((6, 3))
+    out = compute_metrics(EvalPrediction(predictions=(logits, hidden), label_ids=labels))
+    assert out == {"accuracy": pytest.approx(0.6), "macro_f1": pytest.approx(7 / 12)}
+    assert compute_metrics((logits[:5], labels[:5])) == out
+
+
+def test_exact_match():
+    preds = ["  The   Answer.", "paris", None, "42", "Yes!!"]
+    refs = ["the answer", "Paris!", "x", ["41", "42"], "no"]
+    assert exact_match(preds, refs) == pytest.approx(3 / 5)
+    assert exact_match(["a b"], ["ab"]) == 0.0
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("She makes 9 * 2 = $<<9*2=18>>18 every day.\n#### 18", "18"),
+        ("... so the total is\n#### 1,234", "1234"),
+        ("#### -5", "-5"),
+        ("#### $70", "70"),
+        ("The answer is 3.50 dollars.", "3.5"),
+        ("It costs 12.00, then 1,000 more, so 1,012.", "1012"),
+        ("5-3 leaves 2", "2"),
+        ("no number here", None),
+        ("", None),
+        (None, None),
+    ],
+)
+def test_gsm8k_answer(text, expected):
+    assert gsm8k_answer(text) == expected
+
+
+def test_gsm8k_answer_on_real_data():
+    try:
+        path = data_dir() / "gsm8k" / "test.jsonl"
+    except DataError as exc:
+        pytest.skip(f"shared data folder not found: {exc}")
+    if not path.is_file():
+        pytest.skip(f"{path} is absent")
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    assert len(rows) == 1319
+    expected = [r["answer"].split("####")[-1].strip().replace(",", "") for r in rows]
+    got = [gsm8k_answer(r["answer"]) for r in rows]
+    assert got == expected
+    assert exact_match(got, expected) == 1.0

