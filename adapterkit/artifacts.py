@@ -363,7 +363,7 @@ def load_folder(
     try:
         attach_config(base, impl, config, name, meta=meta)
     except Exception as err:
-        if isinstance(err, (AdapterMismatchError, AdapterFormatError)) or not isinstance(err, ValueError):
+        if isinstance(err, AdapterKitError) or not isinstance(err, ValueError):
             raise
         raise AdapterMismatchError(f"The adapter in {source or folder} cannot be attached to this model: {err}") from err
     try:
