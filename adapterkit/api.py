@@ -99,7 +99,8 @@ def attach_config(base: nn.Module, impl: Strategy, config: AdapterConfig, name: 
     record_meta = {"task": _task_of(base), "label_names": _label_names(base), "quantization": quantization}
     record_meta.update(meta or {})
     # Taken before training: a `full` adapter changes the very weights the fingerprint reads.
-    record_meta.setdefault("base_fingerprint", fingerprint(base))
+    if "base_fingerprint" not in record_meta:
+        record_meta["base_fingerprint"] = fingerprint(base)
     impl.attach(base, config, name)
     if impl.trains_label_head:
         store.add_head_copies(base, name, label_head_paths(base))

@@ -50,6 +50,10 @@ class ModelNotAvailableError(AdapterKitError, OSError):
     """A base model could not be found locally, in a package or on the Hub."""
 
 
+class HubError(AdapterKitError, OSError):
+    """The Hub refused or could not be reached, and no cached copy can stand in."""
+
+
 class DataError(AdapterKitError, ValueError):
     """Training or evaluation data is missing, empty or does not match the task."""
 

@@ -14,16 +14,12 @@ from typing import Any
 
 from torch import nn
 
-from adapterkit.errors import AdapterKitError, AdapterNotFoundError
+from adapterkit.errors import AdapterNotFoundError, HubError
 
 logger = logging.getLogger(__name__)
 
 #: Files an adapter folder may hold; anything else (pickles above all) is never fetched.
 ALLOW_PATTERNS = ["*.json", "*.safetensors", "README.md"]
-
-
-class HubError(AdapterKitError, OSError):
-    """The Hub refused or could not be reached, and no cached copy can stand in."""
 
 
 def publish(

@@ -15,6 +15,7 @@ Data shapes (a ``datasets.Dataset`` or a list of dicts):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -59,6 +60,9 @@ class TrainSettings:
         save_steps / eval_steps / logging_steps: step intervals.
         resume_from_checkpoint: a checkpoint folder, or True for the latest in output_dir.
         bf16: bf16 autocast (CUDA, or CPUs with AMX/AVX512-BF16).
+        cache_features: run a frozen backbone once per example and train the head on its
+            cached outputs; None does it whenever the adapter leaves the backbone frozen
+            (the ``head`` strategy on a classifier).
         show_progress: Trainer's progress bars.
     """
 
@@ -83,6 +87,7 @@ class TrainSettings:
     logging_steps: int = 50
     resume_from_checkpoint: str | bool | None = None
     bf16: bool = False
+    cache_features: bool | None = None
     show_progress: bool = True
 
     @classmethod
@@ -288,7 +293,7 @@ def train(
 
     import transformers
 
-    from adapterkit.api import activate, trainable_parameters
+    from adapterkit.api import _strategy, activate, trainable_parameters
     from adapterkit.quantized import keep_4bit_trainable, quantization_of
     from adapterkit.state import freeze_all_but, require_store, unwrap
 
@@ -363,14 +368,25 @@ def train(
         "Training adapter '%s' (%s): %d trainable parameters, lr %g, %s epochs",
         name, record.strategy, sum(p.numel() for p in params.values()), lr, cfg.num_epochs,
     )
-    result = trainer.train(resume_from_checkpoint=cfg.resume_from_checkpoint)
+    use_cache = cfg.cache_features
+    if use_cache is None:
+        use_cache = task == "classification" and _strategy(record.strategy).backbone_frozen(base, name)
+    with contextlib.ExitStack() as stack:
+        if use_cache:
+            from adapterkit.features import cached_backbone
+
+            stack.enter_context(
+                cached_backbone(base, [d for d in (train_tok, eval_tok) if d is not None], batch_size=cfg.eval_batch_size)
+            )
+        result = trainer.train(resume_from_checkpoint=cfg.resume_from_checkpoint)
+        evaluated = trainer.evaluate(eval_tok) if eval_tok is not None else {}
     metrics: dict[str, float] = {
         "train_loss": float(result.training_loss),
         "train_runtime": float(result.metrics.get("train_runtime", 0.0)),
         "train_samples": len(train_tok),
+        "cached_features": bool(use_cache),
     }
     if eval_tok is not None:
-        evaluated = trainer.evaluate(eval_tok)
         metrics.update({k: float(v) for k, v in evaluated.items() if isinstance(v, (int, float))})
         if task != "classification" and "eval_loss" in metrics:
             metrics["eval_perplexity"] = float(math.exp(min(metrics["eval_loss"], 50)))

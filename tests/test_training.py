@@ -109,3 +109,18 @@ def test_unknown_setting_is_named(bert_tok):
     model = ak.attach(fresh_bert(), "lora")
     with pytest.raises(ak.InvalidOptionError, match="'learning_rte'.*Did you mean 'learning_rate'"):
         ak.train(model, bert_tok, toy_rows(8), learning_rte=1e-3)
+
+
+def test_head_training_on_cached_features_matches_full_forward(bert_tok):
+    """The cached-feature path trains the same head as running the frozen backbone every step."""
+    results = {}
+    for cache in (False, True):
+        model = ak.attach(fresh_bert(), "head")
+        metrics = ak.train(model, bert_tok, toy_rows(64), toy_rows(32, seed=1), learning_rate=1e-2,
+                           cache_features=cache, group_by_length=False, **{**SETTINGS, "num_epochs": 2})
+        assert metrics["cached_features"] is cache
+        results[cache] = (metrics["eval_loss"], {k: v.detach().clone() for k, v in ak.trainable_parameters(model, "default").items()})
+        assert type(model.bert).__name__ == "BertModel"  # the backbone is back
+    assert results[True][0] == pytest.approx(results[False][0], rel=1e-4)
+    for key, value in results[False][1].items():
+        torch.testing.assert_close(results[True][1][key], value, rtol=1e-4, atol=1e-5)

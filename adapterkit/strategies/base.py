@@ -38,6 +38,11 @@ class Strategy:
     #: Whether rows of one batch can go through different adapters of this strategy.
     supports_mixed_batch: ClassVar[bool] = False
 
+    def backbone_frozen(self, model: nn.Module, name: str) -> bool:
+        """Whether adapter ``name`` leaves the whole backbone untouched (then training may cache
+        the backbone's outputs and run it once per example)."""
+        return False
+
     def check_model(self, model: nn.Module, config: AdapterConfig) -> None:
         """Raise :class:`~adapterkit.errors.IncompatibleModelError` if the model can't take this strategy."""
 

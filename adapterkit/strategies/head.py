@@ -90,6 +90,10 @@ class HeadStrategy(Strategy):
     def detach(self, model: nn.Module, name: str) -> None:
         return None  # the store drops the head copies
 
+    def backbone_frozen(self, model: nn.Module, name: str) -> bool:
+        trained = set(get_store(model).heads.get(name, {}))
+        return trained <= set(head_paths(model)) | {pooler_path(model)}
+
     def parameters(self, model: nn.Module, name: str) -> dict[str, nn.Parameter]:
         return {
             f"{path}.{pname}": p
