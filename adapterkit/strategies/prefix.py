@@ -137,9 +137,11 @@ def _prefix_pre_hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]):
     cache = kwargs.get(g.cache_arg)
     if cache is None and g.cache_arg != "past_key_values":
         cache = kwargs.pop("past_key_values", None)
-    mask = kwargs.get("attention_mask")
-    if mask is None:
-        mask = torch.ones(batch, length, dtype=torch.long, device=reference.device)
+    # generate() counts positions without the prefix; the model, fed the prefix as cached
+    # tokens, counts them (a plain forward starts at P), so explicit positions shift by P.
+    for key in ("cache_position", "position_ids"):
+        if kwargs.get(key) is not None:
+            kwargs[key] = kwargs[key] + p
     if cache is None or cache.get_seq_length() == 0:
         cache = cache if cache is not None else DynamicCache(config=module.config)
         dtype = module.get_input_embeddings().weight.dtype
@@ -147,10 +149,12 @@ def _prefix_pre_hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]):
             dtype = torch.float32
         for layer, (key, value) in enumerate(encoder.key_values(batch, dtype)):
             cache.update(key.to(reference.device), value.to(reference.device), layer)
-        kwargs[g.cache_arg] = cache
-        mask = torch.cat([torch.ones(batch, p, dtype=mask.dtype, device=mask.device), mask], dim=1)
-    elif mask.shape[1] + p == cache.get_seq_length() + length:
-        # Generation after the first step: the cache holds the prefix, the mask does not.
+    past = cache.get_seq_length()  # the prefix plus, during generation, earlier tokens
+    kwargs[g.cache_arg] = cache
+    mask = kwargs.get("attention_mask")
+    if mask is None:
+        mask = torch.ones(batch, past + length, dtype=torch.long, device=reference.device)
+    elif mask.shape[1] + p == past + length:  # the caller's mask does not know the prefix
         mask = torch.cat([torch.ones(batch, p, dtype=mask.dtype, device=mask.device), mask], dim=1)
     kwargs["attention_mask"] = mask
     return args, kwargs
