@@ -150,14 +150,16 @@ class LoraStrategy(Strategy):
         store = get_store(model)
         store.extra.setdefault("lora_peft_config", {})[name] = peft_cfg
         store.extra["lora_layers"] = _lora_layers(model)
+        for _, layer in store.extra["lora_layers"]:
+            layer._disable_adapters = False
 
     def activate(self, model: nn.Module, name: str | None) -> None:
-        # Setting the layer attribute directly avoids peft's set_adapter, which also walks
-        # every adapter to flip requires_grad and gets slower with each adapter loaded.
+        # Writing the layer attribute directly avoids peft's set_adapter, which also walks
+        # every adapter to flip requires_grad and gets slower with each adapter loaded, and
+        # nn.Module.__setattr__, whose type checks cost more than the switch itself.
         active = [name] if name is not None else []
         for _, layer in get_store(model).extra.get("lora_layers", []):
-            layer._active_adapter = active
-            layer._disable_adapters = False
+            layer.__dict__["_active_adapter"] = active
 
     def detach(self, model: nn.Module, name: str) -> None:
         store = get_store(model)
