@@ -26,7 +26,9 @@ def cached_adapters() -> list[tuple[str, str, dict]]:
     from huggingface_hub.errors import CacheNotFound
 
     try:
-        info = scan_cache_dir()
+        from huggingface_hub import constants
+
+        info = scan_cache_dir(constants.HF_HUB_CACHE)
     except CacheNotFound:
         return []
     found = []

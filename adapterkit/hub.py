@@ -22,6 +22,12 @@ logger = logging.getLogger(__name__)
 ALLOW_PATTERNS = ["*.json", "*.safetensors", "README.md"]
 
 
+def _is_connection_error(err: BaseException) -> bool:
+    """OSErrors and the HTTP client's transport errors (httpx's are not OSErrors)."""
+    names = {cls.__name__ for cls in type(err).__mro__}
+    return isinstance(err, OSError) or bool(names & {"TransportError", "NetworkError", "TimeoutException", "ConnectError"})
+
+
 def publish(
     path_or_model: str | os.PathLike | nn.Module,
     repo_id: str,
@@ -66,7 +72,9 @@ def publish(
             )
         except HfHubHTTPError as err:
             raise HubError(f"Publishing to {repo_id} failed: {err}") from err
-        except OSError as err:  # connection refused, DNS, timeouts
+        except Exception as err:
+            if not _is_connection_error(err):
+                raise
             raise HubError(f"Publishing to {repo_id} failed: the Hub is unreachable ({err}).") from err
     logger.info("Published %s to %s", folder, info.commit_url)
     return info.commit_url
@@ -105,7 +113,9 @@ def download(repo_id: str, *, revision: str | None = None, token: str | None = N
             f"Cannot download {where}: the Hub is unreachable (or HF_HUB_OFFLINE=1) and the cache has no copy. "
             "Connect once to fill the cache, or pass a local folder."
         ) from err
-    except OSError as err:
+    except Exception as err:
+        if not _is_connection_error(err):
+            raise
         try:
             folder = Path(snapshot_download(repo_id, local_files_only=True, **kwargs))
         except Exception:
