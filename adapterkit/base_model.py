@@ -101,6 +101,11 @@ def load_base(
                 raise InvalidOptionError(f"num_labels={num_labels} but {len(label_names)} label_names were given.")
         num_labels = num_labels or 2
         label_names = label_names or [f"LABEL_{i}" for i in range(num_labels)]
+        has_head = any(a.endswith("ForSequenceClassification") for a in (getattr(config, "architectures", None) or []))
+        if has_head and getattr(config, "num_labels", num_labels) != num_labels:
+            # A classifier for another label set: keep the body, start a new head.
+            logger.info("%s has a %d-way head; starting a new %d-way one.", name_or_path, config.num_labels, num_labels)
+            kwargs.setdefault("ignore_mismatched_sizes", True)
         kwargs.update(
             num_labels=num_labels,
             id2label=dict(enumerate(label_names)),

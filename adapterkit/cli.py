@@ -85,6 +85,101 @@ def _cmd_publish(args: argparse.Namespace) -> int:
     return 0
 
 
+RECIPES = ("text_classification", "fewshot_causal_lm", "prompting", "instruction_tuning")
+
+
+def _recipe_dirs() -> list:
+    from pathlib import Path
+
+    return [Path.cwd() / "recipes", Path(ak.__file__).resolve().parents[1] / "recipes"]
+
+
+def _run_recipe(name: str, argv: list[str]) -> dict:
+    import importlib.util
+
+    from adapterkit.errors import InvalidOptionError, did_you_mean
+
+    for folder in _recipe_dirs():
+        script = folder / f"{name}.py"
+        if script.is_file():
+            spec = importlib.util.spec_from_file_location(f"adapterkit_recipe_{name}", script)
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
+            spec.loader.exec_module(module)
+            return module.main(argv)
+    raise InvalidOptionError(
+        f"Unknown recipe '{name}'.{did_you_mean(name, RECIPES)} Recipes: {', '.join(RECIPES)} "
+        f"(looked in {', '.join(str(d) for d in _recipe_dirs())})."
+    )
+
+
+def _cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
+    """Run a recipe by name, or the recipe a YAML/JSON config names under `recipe:`."""
+    import json
+    import tempfile
+    from pathlib import Path
+
+    from adapterkit.options import read_config
+
+    target = args.recipe
+    if Path(target).suffix in (".yaml", ".yml", ".json"):
+        config = read_config(target)
+        recipe = config.pop("recipe", None)
+        if recipe is None:
+            raise ak.InvalidOptionError(f"{target} names no recipe: add a top-level `recipe: <name>` ({', '.join(RECIPES)}).")
+        with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+            json.dump(config, f)
+        _run_recipe(recipe, ["--config", f.name, *extra])
+        Path(f.name).unlink()
+        return 0
+    _run_recipe(target, extra)
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace, extra: list[str]) -> int:
+    """Evaluate a saved classification adapter on a dataset split."""
+    from pathlib import Path
+
+    from adapterkit import data as akdata
+    from adapterkit.artifacts import read_sidecar
+    from adapterkit.hub import download
+    from adapterkit.metrics import classification_metrics
+
+    folder = Path(args.adapter) if Path(args.adapter).is_dir() else download(args.adapter, revision=args.revision)
+    sidecar = read_sidecar(folder) or {}
+    model_id = args.model or (sidecar.get("base_model") or {}).get("id")
+    if not model_id:
+        raise ak.InvalidOptionError(f"{args.adapter} does not record its base model; pass --model.")
+    table, labels = akdata.local_dataset(args.dataset, args.split) if args.dataset in akdata.LOCAL_SPLITS else \
+        akdata.prepare_classification(akdata.load_table(args.dataset, split=args.split), text_column=args.text_column,
+                                      label_column=args.label_column, label_names=sidecar.get("label_names"))
+    table = akdata.subset(table, args.max_rows, seed=0)
+    recipe = sidecar.get("recipe") or {}
+    if sidecar.get("task") == "classification":
+        model, tokenizer = ak.load_base(model_id, task="classification", label_names=sidecar.get("label_names") or labels)
+        ak.load(model, str(folder))
+        import torch
+
+        preds = []
+        with torch.no_grad():
+            for start in range(0, len(table), 64):
+                enc = tokenizer(table["text"][start : start + 64], return_tensors="pt", padding=True, truncation=True,
+                                max_length=args.max_length)
+                preds += model(**enc).logits.argmax(-1).tolist()
+    else:
+        from adapterkit.prompting import PromptTemplate, predict_by_scoring
+
+        model, tokenizer = ak.load_base(model_id, task="causal-lm")
+        ak.load(model, str(folder))
+        words = recipe.get("label_words") or [n.lower() for n in labels]
+        template = PromptTemplate(instruction=recipe.get("instruction") or PromptTemplate().instruction)
+        preds = predict_by_scoring(model, tokenizer, [template.render(t) for t in table["text"][:]], words)
+    metrics = classification_metrics(preds, table["label"][:], num_labels=len(labels))
+    print(f"adapter   {args.adapter}\ndataset   {args.dataset} ({args.split}, {len(table)} rows)")
+    print(f"accuracy  {metrics['accuracy']:.4f}\nmacro_f1  {metrics['macro_f1']:.4f}")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     """Attach each built-in strategy to a base model and print its summary."""
     for strategy in args.strategies:
@@ -117,6 +212,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--revision", default=None)
     p.add_argument("--message", default=None)
     p.set_defaults(func=_cmd_publish)
+    p = sub.add_parser("train", help="run a recipe (by name, or a config naming it) with flag overrides")
+    p.add_argument("recipe", help=f"one of {', '.join(RECIPES)}, or a YAML/JSON config with `recipe:`")
+    p.set_defaults(func=_cmd_train, takes_extra=True)
+    p = sub.add_parser("eval", help="evaluate a saved classification adapter on a dataset")
+    p.add_argument("adapter", help="adapter folder or Hub repo id")
+    p.add_argument("--dataset", default="sst2")
+    p.add_argument("--split", default="dev")
+    p.add_argument("--model", default=None, help="base model (default: the one the adapter records)")
+    p.add_argument("--revision", default=None)
+    p.add_argument("--max-rows", type=int, default=None)
+    p.add_argument("--max-length", type=int, default=256)
+    p.add_argument("--text-column", default="text")
+    p.add_argument("--label-column", default="label")
+    p.set_defaults(func=_cmd_eval, takes_extra=True)
     p = sub.add_parser("demo", help="attach strategies to a base model and print summaries")
     p.add_argument("model", nargs="?", default="minilm-l6")
     p.add_argument("--task", default=None)
@@ -129,10 +238,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``adapterkit`` console command."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "takes_extra", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        return args.func(args)
+        return args.func(args, extra) if getattr(args, "takes_extra", False) else args.func(args)
     except (ak.AdapterKitError, OSError) as err:
         print(f"error: {type(err).__name__}: {err}", file=sys.stderr)
         return 2

@@ -555,3 +555,47 @@ def load_instructions(path: str | None = None) -> datasets.Dataset:
         raise DataError(f"{str(file)!r} holds no records.")
     logger.info("Loaded %d instructions from %s", len(records), file)
     return datasets.Dataset.from_dict(out)
+
+
+def classification_splits(
+    *,
+    dataset: str | None = None,
+    train_file: str | None = None,
+    eval_file: str | None = None,
+    text_column: str = "text",
+    label_column: str = "label",
+    label_names: list[str] | None = None,
+    seed: int = 0,
+) -> tuple[datasets.Dataset, datasets.Dataset, list[str]]:
+    """Train and evaluation splits (``text`` + ``label``) and the label names, from any source.
+
+    ``train_file`` (+ ``eval_file``, else 10% held out, stratified) wins; otherwise ``dataset``
+    is a bundled set (``sst2`` evaluates on dev, ``trec``/``ag_news`` on test) or a Hub id
+    (``train`` / ``validation`` splits).
+
+    Raises:
+        DataError: no source given, or the data does not fit (see :func:`prepare_classification`).
+    """
+
+    def prepared(table, names=None):
+        return prepare_classification(table, text_column=text_column, label_column=label_column, label_names=names)
+
+    if train_file:
+        train, labels = prepared(load_table(train_file), label_names)
+        if eval_file:
+            return train, prepared(load_table(eval_file), labels)[0], labels
+        return (*stratified_split(train, 0.1, seed=seed), labels)
+    if dataset in LOCAL_SPLITS:
+        train, labels = local_dataset(dataset, "train")
+        return train, local_dataset(dataset, "dev" if "dev" in LOCAL_SPLITS[dataset] else "test")[0], labels
+    if dataset:
+        train, labels = prepared(load_table(dataset, split="train"), label_names)
+        return train, prepared(load_table(dataset, split="validation"), labels)[0], labels
+    raise DataError("No data given: pass dataset= (sst2, trec, ag_news or a Hub dataset id) or train_file=.")
+
+
+def subset(dataset: datasets.Dataset, rows: int | None, *, seed: int) -> datasets.Dataset:
+    """A stratified subset of ``rows`` rows (the whole set when ``rows`` is None or larger)."""
+    if rows is None or rows >= len(dataset):
+        return dataset
+    return stratified_split(dataset, len(dataset) - rows, seed=seed)[0]

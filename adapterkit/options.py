@@ -86,6 +86,8 @@ def parse_options(cls: type[T], argv: list[str] | None = None, *, description: s
     values: dict[str, Any] = {}
     if args.config:
         values.update(read_config(args.config))
+        if "recipe" not in fields:  # names the recipe for `adapterkit train config.yaml`
+            values.pop("recipe", None)
     values.update({k: _parse_value(v) for k, v in vars(args).items() if k != "config"})
     problems = []
     for flag in unknown:

@@ -253,14 +253,6 @@ def _trainer_class():
     return AdapterTrainer
 
 
-def _compute_classification_metrics(eval_pred) -> dict[str, float]:
-    from adapterkit.metrics import classification_metrics
-
-    logits = eval_pred.predictions[0] if isinstance(eval_pred.predictions, tuple) else eval_pred.predictions
-    preds = logits.argmax(-1).tolist()
-    return classification_metrics(preds, eval_pred.label_ids.tolist())
-
-
 def train(
     model: nn.Module,
     tokenizer: Any,
@@ -295,6 +287,7 @@ def train(
     import transformers
 
     from adapterkit.api import _strategy, activate, trainable_parameters
+    from adapterkit.metrics import compute_metrics
     from adapterkit.quantized import keep_4bit_trainable, quantization_of
     from adapterkit.state import freeze_all_but, require_store, unwrap
 
@@ -361,7 +354,7 @@ def train(
         eval_dataset=eval_tok if has_eval else None,
         data_collator=_Collator(tokenizer),
         processing_class=tokenizer,
-        compute_metrics=_compute_classification_metrics if task == "classification" else None,
+        compute_metrics=compute_metrics if task == "classification" else None,
         callbacks=callbacks,
     )
     trainer.adapter_name = name

