@@ -1,0 +1,1 @@
+"""adapterkit benchmarks: `python -m benchmarks.run --suite smoke|quick|full`."""

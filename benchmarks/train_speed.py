@@ -1,0 +1,154 @@
+"""Training speed, memory and accuracy: adapterkit beside plain peft + transformers' Trainer.
+
+SST-2 rows, batch 16, max length 64, 1 epoch by default. Sides:
+
+- ``peft_naive:<strategy>``: peft (or plain freezing) + Trainer, ``padding="max_length"``;
+- ``peft_dynamic:<strategy>``: the same with dynamic padding (``DataCollatorWithPadding``);
+- ``adapterkit:<strategy>[:<targets>]``: ``ak.attach`` + ``ak.train`` with its defaults
+  (length-grouped batches; head-only on cached features).
+
+Each side runs in its own process (``benchmarks.common.run_side``); it counts the tokens the
+backbone really processed (padding included) and the real ones, and evaluates on the dev set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from typing import Any
+
+import torch
+
+from benchmarks.common import peak_rss_mb
+
+LEARNING_RATES = {"lora": 2e-3, "head": 5e-3, "full": 5e-5, "prefix": 1e-2}
+
+
+def _data(settings: dict[str, Any]):
+    from adapterkit import data as akdata
+
+    train, labels = akdata.local_dataset("sst2", "train")
+    dev, _ = akdata.local_dataset("sst2", "dev")
+    train = akdata.subset(train, settings["train_rows"], seed=0)
+    dev = akdata.subset(dev, settings.get("dev_rows"), seed=0)
+    return train, dev, labels
+
+
+class TokenCounter:
+    """Counts tokens entering the backbone: all of them (padding too) and the real ones."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.processed = 0
+        self.real = 0
+        self.handle = module.register_forward_pre_hook(self, with_kwargs=True)
+
+    def __call__(self, module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        mask = kwargs.get("attention_mask")
+        if ids is not None:
+            self.processed += ids.numel()
+            self.real += int(mask.sum()) if mask is not None else ids.numel()
+
+
+@torch.inference_mode()
+def _accuracy(model, tokenizer, dev, max_length: int) -> float:
+    model.eval()
+    correct = 0
+    texts, labels = dev["text"][:], dev["label"][:]
+    for start in range(0, len(texts), 64):
+        enc = tokenizer(texts[start : start + 64], return_tensors="pt", padding=True, truncation=True, max_length=max_length)
+        correct += (model(**enc).logits.argmax(-1) == torch.tensor(labels[start : start + 64])).sum().item()
+    return correct / len(texts)
+
+
+def _backbone(model):
+    from adapterkit.targets import backbone_name
+
+    return model.get_submodule(backbone_name(model))
+
+
+def run_baseline(kind: str, strategy: str, settings: dict[str, Any]) -> dict[str, Any]:
+    """Plain peft + Trainer, written the way a user would without adapterkit."""
+    import peft
+    import transformers
+
+    from adapterkit.models import resolve_model
+
+    train, dev, labels = _data(settings)
+    path = resolve_model(settings["model"]).path
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(
+        path, num_labels=len(labels), pad_token_id=tokenizer.pad_token_id, **settings.get("load_kwargs", {})
+    )
+    if strategy == "lora":
+        model = peft.get_peft_model(model, peft.LoraConfig(task_type="SEQ_CLS", r=8, lora_alpha=16,
+                                                           target_modules=settings.get("baseline_targets")))
+    elif strategy == "head":
+        for name, p in model.named_parameters():
+            p.requires_grad = name.startswith(("classifier", "score")) or ".pooler." in name
+    max_length = settings["max_length"]
+    padding = "max_length" if kind == "naive" else False
+    tok = train.map(lambda b: tokenizer(b["text"], truncation=True, max_length=max_length, padding=padding),
+                    batched=True, remove_columns=["text"])
+    counter = TokenCounter(_backbone(model.get_base_model() if hasattr(model, "get_base_model") else model))
+    args = transformers.TrainingArguments(
+        output_dir=settings["tmp"], per_device_train_batch_size=settings["batch_size"], num_train_epochs=settings["epochs"],
+        learning_rate=LEARNING_RATES[strategy], warmup_steps=0.06, weight_decay=0.01, seed=0, report_to="none",
+        save_strategy="no", logging_steps=10_000, disable_tqdm=True, dataloader_num_workers=0,
+    )
+    collator = transformers.DataCollatorWithPadding(tokenizer) if kind == "dynamic" else transformers.default_data_collator
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=tok, data_collator=collator)
+    started = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - started
+    counter.handle.remove()
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"seconds": seconds, "processed_tokens": counter.processed, "real_tokens": counter.real,
+            "accuracy": _accuracy(model, tokenizer, dev, max_length), "trainable_params": trainable}
+
+
+def run_adapterkit(strategy: str, targets: str | None, settings: dict[str, Any]) -> dict[str, Any]:
+    import adapterkit as ak
+
+    train, dev, labels = _data(settings)
+    model, tokenizer = ak.load_base(settings["model"], task="classification", label_names=labels, bits=settings.get("bits"))
+    options = {"target_modules": targets.split(",")} if targets else {}
+    ak.attach(model, strategy, **options)
+    counter = TokenCounter(_backbone(model))
+    started = time.perf_counter()
+    metrics = ak.train(model, tokenizer, train, learning_rate=LEARNING_RATES[strategy], num_epochs=settings["epochs"],
+                       batch_size=settings["batch_size"], max_length=settings["max_length"], seed=0,
+                       output_dir=settings["tmp"], show_progress=False, logging_steps=10_000)
+    seconds = time.perf_counter() - started
+    counter.handle.remove()
+    summary = ak.summary(model)
+    return {"seconds": seconds, "processed_tokens": counter.processed, "real_tokens": counter.real,
+            "accuracy": _accuracy(model, tokenizer, dev, settings["max_length"]),
+            "trainable_params": summary.adapters[0].parameters, "cached_features": metrics.get("cached_features"),
+            "feature_cache_seconds": metrics.get("feature_cache_seconds")}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--side", required=True)
+    parser.add_argument("--settings", required=True)
+    args = parser.parse_args()
+    settings = json.loads(args.settings)
+    torch.manual_seed(0)
+    kind, _, rest = args.side.partition(":")
+    strategy, _, targets = rest.partition(":")
+    if kind == "adapterkit":
+        result = run_adapterkit(strategy, targets or None, settings)
+    else:
+        result = run_baseline(kind.replace("peft_", ""), strategy, settings)
+    result.update(side=args.side, strategy=strategy, peak_rss_mb=round(peak_rss_mb(), 1),
+                  real_tokens_per_s=result["real_tokens"] / result["seconds"],
+                  padding_fraction=1 - result["real_tokens"] / max(result["processed_tokens"], 1))
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
