@@ -367,6 +367,11 @@ def train(
         use_cache = task == "classification" and _strategy(record.strategy).backbone_frozen(base, name)
     cache_seconds = 0.0
     with contextlib.ExitStack() as stack:
+        if quantization_of(base) and not base.__dict__.get("_hf_peft_config_loaded"):
+            # Trainer refuses a quantized model unless it knows adapters are attached; they are,
+            # injected in place rather than through a PeftModel wrapper.
+            base._hf_peft_config_loaded = True
+            stack.callback(base.__dict__.pop, "_hf_peft_config_loaded", None)
         if use_cache:
             from adapterkit.features import cached_backbone
 

@@ -113,6 +113,8 @@ def report(results: dict[str, Any]) -> str:
              f"commit `{results['env']['commit']}`, {results['env']['cpu']} x{results['env']['cpu_count']}, "
              f"torch {results['env']['versions']['torch']}, transformers {results['env']['versions']['transformers']}, "
              f"peft {results['env']['versions']['peft']}, {results['env']['time']}", ""]
+    for section, error in results.get("errors", {}).items():
+        parts += [f"**{section} failed**: `{error.strip().splitlines()[-1] if error.strip() else error}`", ""]
     ts = results.get("train_speed")
     if ts:
         parts += ["## Training: SST-2 on minilm-l6 "
@@ -158,22 +160,26 @@ def main(argv: list[str] | None = None) -> int:
     want = set(args.only or ["train_speed", "smollm2", "runtime", "quality"])
     peak = matmul_peak_gflops()
     results["matmul_peak_gflops"] = peak
-    if "train_speed" in want:
-        print("train_speed", flush=True)
-        results["train_speed"] = train_speed(suite["train"], suite["train_sides"])
-        linear_params = 6 * (4 * 384 * 384 + 2 * 384 * 1536)  # MiniLM-L6's encoder linears
-        for row in results["train_speed"]["rows"]:
-            row["gflops_fraction_of_peak"] = 4 * linear_params * row["processed_tokens"] / row["seconds"] / 1e9 / peak
-    if suite.get("smollm2") and "smollm2" in want:
-        print("smollm2", flush=True)
-        results["smollm2"] = smollm2_memory(suite["smollm2"])
-    if suite.get("runtime") and "runtime" in want:
-        print("runtime", flush=True)
-        results["runtime"] = run_side("benchmarks.runtime", "runtime", suite["runtime"])
-    if suite.get("quality") and "quality" in want:
-        print("quality", flush=True)
-        results["quality"] = quality(suite["quality"])
     name = f"{args.suite}" + (f"-{'-'.join(sorted(want))}" if args.only else "")
+    sections = {
+        "train_speed": lambda: train_speed(suite["train"], suite["train_sides"]),
+        "smollm2": lambda: smollm2_memory(suite["smollm2"]),
+        "runtime": lambda: run_side("benchmarks.runtime", "runtime", suite["runtime"]),
+        "quality": lambda: quality(suite["quality"]),
+    }
+    for section, measure in sections.items():
+        if section not in want or (section != "train_speed" and not suite.get(section)):
+            continue
+        print(section, flush=True)
+        try:
+            results[section] = measure()
+        except Exception as err:  # keep what was measured; say what failed
+            results.setdefault("errors", {})[section] = str(err)[-2000:]
+            print(f"  {section} failed: {str(err)[-500:]}", flush=True)
+        write_result(out, name, results)  # partial results survive a later failure
+    linear_params = 6 * (4 * 384 * 384 + 2 * 384 * 1536)  # MiniLM-L6's encoder linears
+    for row in (results.get("train_speed") or {}).get("rows", []):
+        row["gflops_fraction_of_peak"] = 4 * linear_params * row["processed_tokens"] / row["seconds"] / 1e9 / peak
     write_result(out, name, results)
     text = report(results)
     (out / f"{name}.md").write_text(text)

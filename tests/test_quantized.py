@@ -166,3 +166,18 @@ def test_the_cpu_trap_is_real_without_the_fix(llama_dir):
         m(**batch).loss.backward()
     gq, gr = _lora_grads(q), _lora_grads(repaired)
     assert max(((gq[k] - gr[k]).norm() / gr[k].norm().clamp_min(1e-12)).item() for k in gq) <= 1e-4
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_train_runs_on_a_quantized_base(llama_dir, bits, tmp_path):
+    """Trainer refuses 'purely quantized' models; adapterkit's in-place adapters must pass its check."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(llama_dir)
+    model, _ = ak.load_base(llama_dir, task="causal-lm", bits=bits)
+    ak.attach(model, "lora", r=4)
+    rows = [{"prompt": "w3 w4 w5 ->", "completion": " w9"}, {"prompt": "w6 w7 ->", "completion": " w10"}] * 4
+    metrics = ak.train(model, tokenizer, rows, rows, num_epochs=2, learning_rate=1e-2, batch_size=4,
+                       show_progress=False, output_dir=str(tmp_path))
+    assert metrics["eval_loss"] > 0
+    assert "_hf_peft_config_loaded" not in model.__dict__  # the flag only lives during training
