@@ -346,6 +346,10 @@ def train(
         remove_unused_columns=False,
         dataloader_num_workers=0,
     )
+    if quantization_of(base) and not base.__dict__.get("_hf_peft_config_loaded"):
+        # Trainer refuses a quantized model unless it knows adapters are attached; they are,
+        # injected in place rather than through a PeftModel wrapper. Unset after training.
+        base._hf_peft_config_loaded = True
     trainer_cls = _trainer_class()
     trainer = trainer_cls(
         model=model,
@@ -367,11 +371,6 @@ def train(
         use_cache = task == "classification" and _strategy(record.strategy).backbone_frozen(base, name)
     cache_seconds = 0.0
     with contextlib.ExitStack() as stack:
-        if quantization_of(base) and not base.__dict__.get("_hf_peft_config_loaded"):
-            # Trainer refuses a quantized model unless it knows adapters are attached; they are,
-            # injected in place rather than through a PeftModel wrapper.
-            base._hf_peft_config_loaded = True
-            stack.callback(base.__dict__.pop, "_hf_peft_config_loaded", None)
         if use_cache:
             from adapterkit.features import cached_backbone
 
@@ -382,6 +381,7 @@ def train(
             cache_seconds = time.perf_counter() - started
         result = trainer.train(resume_from_checkpoint=cfg.resume_from_checkpoint)
         evaluated = trainer.evaluate(eval_tok) if eval_tok is not None else {}
+    base.__dict__.pop("_hf_peft_config_loaded", None)
     metrics: dict[str, float] = {
         "train_loss": float(result.training_loss),
         "train_runtime": float(result.metrics.get("train_runtime", 0.0)),
