@@ -127,17 +127,20 @@ def _cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
         recipe = config.pop("recipe", None)
         if recipe is None:
             raise ak.InvalidOptionError(f"{target} names no recipe: add a top-level `recipe: <name>` ({', '.join(RECIPES)}).")
+        # The recipe's options are the rest of the file: `recipe` itself is no option of it.
         with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
             json.dump(config, f)
-        _run_recipe(recipe, ["--config", f.name, *extra])
-        Path(f.name).unlink()
+        try:
+            _run_recipe(recipe, ["--config", f.name, *extra])
+        finally:
+            Path(f.name).unlink(missing_ok=True)
         return 0
     _run_recipe(target, extra)
     return 0
 
 
 def _cmd_eval(args: argparse.Namespace, extra: list[str]) -> int:
-    """Evaluate a saved classification adapter on a dataset split."""
+    """Evaluate a saved classification adapter (or a few-shot causal-LM one) on a dataset split."""
     from pathlib import Path
 
     from adapterkit import data as akdata
@@ -147,19 +150,33 @@ def _cmd_eval(args: argparse.Namespace, extra: list[str]) -> int:
 
     folder = Path(args.adapter) if Path(args.adapter).is_dir() else download(args.adapter, revision=args.revision)
     sidecar = read_sidecar(folder) or {}
+    recipe = sidecar.get("recipe") or {}
     model_id = args.model or (sidecar.get("base_model") or {}).get("id")
     if not model_id:
         raise ak.InvalidOptionError(f"{args.adapter} does not record its base model; pass --model.")
-    table, labels = akdata.local_dataset(args.dataset, args.split) if args.dataset in akdata.LOCAL_SPLITS else \
-        akdata.prepare_classification(akdata.load_table(args.dataset, split=args.split), text_column=args.text_column,
-                                      label_column=args.label_column, label_names=sidecar.get("label_names"))
+    classifier = sidecar.get("task") == "classification"
+    # A causal-LM adapter classifies by scoring the label words its recipe trained it to say.
+    words = None if classifier else recipe.get("label_words")
+    if not classifier and not words:
+        raise ak.InvalidOptionError(
+            f"{args.adapter} is a {sidecar.get('task') or 'causal-lm'} adapter without recorded label words "
+            f"(recipe {recipe.get('recipe')!r}); `adapterkit eval` scores classification adapters and few-shot "
+            "causal-LM adapters trained with recipes/fewshot_causal_lm.py."
+        )
+    if args.dataset in akdata.LOCAL_SPLITS:
+        table, labels = akdata.local_dataset(args.dataset, args.split)
+    else:  # a local file has one split; a Hub dataset has named ones
+        split = None if Path(args.dataset).is_file() else args.split
+        table, labels = akdata.prepare_classification(
+            akdata.load_table(args.dataset, split=split), text_column=args.text_column, label_column=args.label_column,
+            label_names=sidecar.get("label_names") or recipe.get("label_names"),
+        )
     table = akdata.subset(table, args.max_rows, seed=0)
-    recipe = sidecar.get("recipe") or {}
-    if sidecar.get("task") == "classification":
-        model, tokenizer = ak.load_base(model_id, task="classification", label_names=sidecar.get("label_names") or labels)
-        ak.load(model, str(folder))
+    if classifier:
         import torch
 
+        model, tokenizer = ak.load_base(model_id, task="classification", label_names=sidecar.get("label_names") or labels)
+        ak.load(model, str(folder))
         preds = []
         with torch.no_grad():
             for start in range(0, len(table), 64):
@@ -169,9 +186,13 @@ def _cmd_eval(args: argparse.Namespace, extra: list[str]) -> int:
     else:
         from adapterkit.prompting import PromptTemplate, predict_by_scoring
 
+        if len(words) != len(labels):
+            raise ak.InvalidOptionError(
+                f"{args.adapter} was trained with {len(words)} label words {words}, but {args.dataset} has "
+                f"{len(labels)} labels {labels}."
+            )
         model, tokenizer = ak.load_base(model_id, task="causal-lm")
         ak.load(model, str(folder))
-        words = recipe.get("label_words") or [n.lower() for n in labels]
         template = PromptTemplate(instruction=recipe.get("instruction") or PromptTemplate().instruction)
         preds = predict_by_scoring(model, tokenizer, [template.render(t) for t in table["text"][:]], words)
     metrics = classification_metrics(preds, table["label"][:], num_labels=len(labels))

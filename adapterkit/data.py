@@ -55,10 +55,11 @@ def _looks_local(source: str) -> bool:
 
 
 def load_table(
-    source: str,
+    source: str | os.PathLike,
     *,
     split: str | None = None,
     column_names: list[str] | None = None,
+    **kwargs: Any,
 ) -> datasets.Dataset:
     """Load a local data file or a Hugging Face Hub dataset as one ``Dataset``.
 
@@ -67,6 +68,8 @@ def load_table(
         split: Split to load, slicing allowed (``"train[:100]"``). Local files have one split,
             ``"train"``; for a Hub dataset the default is ``"train"`` or its only split.
         column_names: Column names for a CSV/TSV file without a header row.
+        **kwargs: Passed on to ``datasets.load_dataset``: a Hub config (``name="sst2"``),
+            ``revision=``, or reader options for a file (``encoding="latin-1"``, ``quoting=`` ...).
 
     Returns:
         The rows. TSV is read without quote handling, so quotes in the text survive; cells such as
@@ -75,20 +78,39 @@ def load_table(
     Raises:
         DataError: The file is missing, of an unsupported type or unparsable; the Hub is unreachable,
             the dataset unknown or the split absent.
-        InvalidOptionError: ``column_names`` given for a source that is not CSV/TSV.
+        InvalidOptionError: ``column_names`` given for a source that is not CSV/TSV, ``streaming=True``,
+            or an option the reader does not know.
     """
     source = os.fspath(source)
+    if kwargs.get("streaming"):
+        raise InvalidOptionError(
+            "streaming=True is not supported: load_table returns an in-memory Dataset. "
+            "Use split='train[:N]' to load a slice, or call datasets.load_dataset directly."
+        )
+    kwargs.pop("streaming", None)
     if _looks_local(source):
-        return _load_file(Path(source).expanduser(), split=split, column_names=column_names)
+        clash = sorted({"path", "data_files"} & set(kwargs))
+        if clash:
+            raise InvalidOptionError(f"{clash} cannot be combined with a local file; pass the file as source.")
+        return _load_file(Path(source).expanduser(), split=split, column_names=column_names, options=kwargs)
     if column_names is not None:
         raise InvalidOptionError(
             f"column_names is for local CSV/TSV files without a header; {source!r} is a Hub dataset id. "
             "Rename columns afterwards with dataset.rename_columns({...})."
         )
-    return _load_hub(source, split=split)
+    return _load_hub(source, split=split, options=kwargs)
 
 
-def _load_file(path: Path, *, split: str | None, column_names: list[str] | None) -> datasets.Dataset:
+def _bad_option(exc: TypeError, source: str) -> InvalidOptionError | None:
+    # load_dataset forwards unknown keywords to the builder config, which fails with a bare TypeError.
+    if "unexpected keyword argument" in str(exc):
+        return InvalidOptionError(f"Option not understood when loading {source!r}: {exc}.")
+    return None
+
+
+def _load_file(
+    path: Path, *, split: str | None, column_names: list[str] | None, options: dict[str, Any]
+) -> datasets.Dataset:
     if not path.exists():
         raise DataError(f"Data file {str(path)!r} does not exist (looked in {str(path.resolve().parent)!r}).")
     if path.is_dir():
@@ -110,8 +132,14 @@ def _load_file(path: Path, *, split: str | None, column_names: list[str] | None)
             kwargs.update(column_names=list(column_names), header=None)
     elif column_names is not None:
         raise InvalidOptionError(f"column_names is only for CSV/TSV files without a header, not {ext!r} files.")
+    kwargs.update(options)  # the caller's reader options win over the defaults above
     try:
         ds = datasets.load_dataset(FORMATS[ext], data_files=str(path), split=split or "train", **kwargs)
+    except TypeError as exc:
+        bad = _bad_option(exc, str(path))
+        if bad is None:
+            raise
+        raise bad from exc
     except ValueError as exc:
         if "split" in str(exc).lower():
             raise DataError(
@@ -125,9 +153,14 @@ def _load_file(path: Path, *, split: str | None, column_names: list[str] | None)
     return ds
 
 
-def _load_hub(source: str, *, split: str | None) -> datasets.Dataset:
+def _load_hub(source: str, *, split: str | None, options: dict[str, Any]) -> datasets.Dataset:
     try:
-        loaded = datasets.load_dataset(source, split=split)
+        loaded = datasets.load_dataset(source, split=split, **options)
+    except TypeError as exc:
+        bad = _bad_option(exc, source)
+        if bad is None:
+            raise
+        raise bad from exc
     except datasets.exceptions.DatasetNotFoundError as exc:
         raise DataError(
             f"No dataset {source!r} on the Hub or in the local cache (or it is private/gated). "
@@ -138,9 +171,13 @@ def _load_hub(source: str, *, split: str | None) -> datasets.Dataset:
             f"Could not reach the Hugging Face Hub for dataset {source!r} ({exc}). {_OFFLINE_HINT}"
         ) from exc
     except ValueError as exc:
+        if "config name is missing" in str(exc).lower():
+            raise DataError(
+                f"Dataset {source!r} has several configurations; choose one with name=... ({exc})"
+            ) from exc
         if "split" in str(exc).lower():
             raise DataError(f"Dataset {source!r} has no split {split!r}: {exc}") from exc
-        raise
+        raise DataError(f"Could not load dataset {source!r}: {exc}") from exc
     if isinstance(loaded, datasets.DatasetDict):
         names = list(loaded)
         if "train" in loaded:
@@ -170,6 +207,18 @@ def _column(dataset: datasets.Dataset, name: str) -> list:
     return list(dataset.with_format(None)[name][:])
 
 
+def _texts(dataset: datasets.Dataset, column: str) -> list[str]:
+    texts = _column(dataset, column)
+    bad_rows = [i for i, t in enumerate(texts) if t is None or (isinstance(t, str) and not t.strip())]
+    if bad_rows:
+        raise DataError(
+            f"{len(bad_rows)} of {len(texts)} rows have an empty or missing {column!r} "
+            f"(row indexes {bad_rows[:_SHOW]}{' ...' if len(bad_rows) > _SHOW else ''}); drop or fill them first."
+        )
+    # Numbers in a text column (e.g. a CSV of ids) are still text to a tokenizer.
+    return [t if isinstance(t, str) else str(t) for t in texts]
+
+
 def _as_label_id(value: Any) -> int | str | None:
     """An int for int-like values, the string for strings, None for missing values."""
     if value is None or isinstance(value, bool):
@@ -196,6 +245,7 @@ def prepare_classification(
     text_column: str,
     label_column: str,
     label_names: list[str] | None = None,
+    text_pair_column: str | None = None,
 ) -> tuple[datasets.Dataset, list[str]]:
     """Check a classification dataset and reduce it to columns ``text`` (str) and ``label`` (int).
 
@@ -206,6 +256,8 @@ def prepare_classification(
         label_names: Class names in id order. String labels map to their position here; int labels
             must lie in ``range(len(label_names))``. Default: a ``ClassLabel`` feature's names, the
             sorted unique string labels, or ``"0".."max"`` for int labels.
+        text_pair_column: Column holding a second text for sentence-pair tasks (NLI, paraphrase);
+            kept as column ``text_pair``, between ``text`` and ``label``.
 
     Returns:
         The new dataset and the label names.
@@ -218,18 +270,12 @@ def prepare_classification(
         dataset = datasets.Dataset.from_list(dataset)
     elif isinstance(dataset, dict):
         dataset = datasets.Dataset.from_dict(dataset)
-    _require_columns(dataset, text_column, label_column)
+    _require_columns(dataset, text_column, label_column, *([text_pair_column] if text_pair_column else []))
     if len(dataset) == 0:
         raise DataError("The dataset is empty: there is nothing to train or evaluate on.")
 
-    texts = _column(dataset, text_column)
-    bad_rows = [i for i, t in enumerate(texts) if t is None or (isinstance(t, str) and not t.strip())]
-    if bad_rows:
-        raise DataError(
-            f"{len(bad_rows)} of {len(texts)} rows have an empty or missing {text_column!r} "
-            f"(row indexes {bad_rows[:_SHOW]}{' ...' if len(bad_rows) > _SHOW else ''}); drop or fill them first."
-        )
-    texts = [t if isinstance(t, str) else str(t) for t in texts]
+    texts = _texts(dataset, text_column)
+    pairs = _texts(dataset, text_pair_column) if text_pair_column else None
 
     raw = _column(dataset, label_column)
     values = [_as_label_id(v) for v in raw]
@@ -280,37 +326,47 @@ def prepare_classification(
             f"Only one class ({label_names[present[0]]!r}) appears in {len(ids)} rows of {label_column!r}; "
             "classification needs at least two classes."
         )
-    out = datasets.Dataset.from_dict(
-        {"text": texts, "label": ids},
-        features=datasets.Features({"text": datasets.Value("string"), "label": datasets.Value("int64")}),
-    )
+    columns: dict[str, list] = {"text": texts}
+    if pairs is not None:
+        columns["text_pair"] = pairs
+    columns["label"] = ids
+    features = {name: datasets.Value("string") for name in columns}
+    features["label"] = datasets.Value("int64")
+    out = datasets.Dataset.from_dict(columns, features=datasets.Features(features))
     logger.info("Prepared %d rows, %d classes: %s", len(out), len(label_names), label_names)
     return out, label_names
 
 
-def _rows_by_label(dataset: datasets.Dataset) -> dict[int, list[int]]:
-    _require_columns(dataset, "label")
-    groups: dict[int, list[int]] = {}
-    for i, label in enumerate(_column(dataset, "label")):
+def _rows_by_label(dataset: datasets.Dataset, label_column: str) -> dict[Any, list[int]]:
+    _require_columns(dataset, label_column)
+    groups: dict[Any, list[int]] = {}
+    for i, label in enumerate(_column(dataset, label_column)):
         groups.setdefault(label, []).append(i)
-    return dict(sorted(groups.items()))
+    try:
+        return dict(sorted(groups.items()))
+    except TypeError:
+        raise DataError(
+            f"Labels in {label_column!r} mix types ({sorted({type(v).__name__ for v in groups})}); "
+            "map them to class ids with prepare_classification first."
+        ) from None
 
 
-def few_shot(dataset: datasets.Dataset, k: int, *, seed: int) -> datasets.Dataset:
-    """Sample ``k`` rows of every class of column ``label``, reproducibly.
+def few_shot(dataset: datasets.Dataset, k: int, *, seed: int, label_column: str = "label") -> datasets.Dataset:
+    """Sample ``k`` rows of every class, reproducibly.
 
     Args:
-        dataset: Rows with a ``label`` column.
+        dataset: Rows with a label column.
         k: Rows per class.
         seed: Same seed, same rows (and the same order, classes interleaved).
+        label_column: The column whose values are the classes.
 
     Raises:
-        DataError: A class has fewer than ``k`` rows, or there is no ``label`` column.
+        DataError: A class has fewer than ``k`` rows, or there is no label column.
         InvalidOptionError: ``k`` is not a positive int.
     """
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise InvalidOptionError(f"k must be a positive int (rows per class), got {k!r}.")
-    groups = _rows_by_label(dataset)
+    groups = _rows_by_label(dataset, label_column)
     short = {label: len(rows) for label, rows in groups.items() if len(rows) < k}
     if short:
         raise DataError(
@@ -324,22 +380,23 @@ def few_shot(dataset: datasets.Dataset, k: int, *, seed: int) -> datasets.Datase
 
 
 def stratified_split(
-    dataset: datasets.Dataset, test_size: int | float, *, seed: int
+    dataset: datasets.Dataset, test_size: int | float, seed: int, *, label_column: str = "label"
 ) -> tuple[datasets.Dataset, datasets.Dataset]:
-    """Split into train and test keeping the class proportions of column ``label``.
+    """Split into train and test keeping the class proportions.
 
     Args:
-        dataset: Rows with a ``label`` column.
+        dataset: Rows with a label column.
         test_size: Test rows, as a count (``int``) or a fraction in (0, 1). The total is exact;
             per-class counts are proportional, rounded by largest remainder.
         seed: Same seed, same split.
+        label_column: The column whose values are the classes.
 
     Returns:
         ``(train, test)``, each shuffled.
 
     Raises:
         InvalidOptionError: ``test_size`` is not a count in [1, n-1] or a fraction in (0, 1).
-        DataError: There is no ``label`` column.
+        DataError: There is no label column.
     """
     n = len(dataset)
     if isinstance(test_size, bool) or not isinstance(test_size, (int, float)):
@@ -354,7 +411,7 @@ def stratified_split(
         raise InvalidOptionError(
             f"test_size={test_size!r} gives {n_test} test rows of {n}; need between 1 and {n - 1}."
         )
-    groups = _rows_by_label(dataset)
+    groups = _rows_by_label(dataset, label_column)
     quotas = {label: n_test * len(rows) / n for label, rows in groups.items()}
     counts = {label: math.floor(q) for label, q in quotas.items()}
     by_remainder = sorted(groups, key=lambda label: (-(quotas[label] - counts[label]), label))
@@ -376,26 +433,50 @@ def stratified_split(
     return dataset.select(train_idx), dataset.select(test_idx)
 
 
-def check_lengths(texts: list[str], tokenizer: Any, max_length: int, *, policy: str = "truncate") -> int:
+def _model_max_length(tokenizer: Any) -> int | None:
+    value = getattr(tokenizer, "model_max_length", None)
+    # Tokenizers without a known limit report a huge sentinel (int(1e30)) as model_max_length.
+    return value if isinstance(value, int) and 0 < value < 1_000_000 else None
+
+
+def check_lengths(
+    texts: Sequence[str], tokenizer: Any, max_length: int | None = None, policy: str = "truncate"
+) -> int:
     """Count texts longer than ``max_length`` tokens (special tokens included).
 
     Args:
         texts: The texts.
         tokenizer: A Hugging Face tokenizer.
-        max_length: The token budget per text.
+        max_length: The token budget per text. Default: the tokenizer's ``model_max_length``.
         policy: ``"truncate"`` (log a warning, the texts will be cut) or ``"error"``.
 
     Returns:
         How many texts exceed ``max_length``.
 
     Raises:
-        InvalidOptionError: Unknown ``policy``.
+        InvalidOptionError: Unknown ``policy``, or no ``max_length`` and the tokenizer knows no limit.
         DataError: ``policy="error"`` and some text is too long.
     """
     if policy not in LENGTH_POLICIES:
         raise InvalidOptionError(
             f"Unknown length policy {policy!r}; choose one of {list(LENGTH_POLICIES)}."
             + did_you_mean(policy, LENGTH_POLICIES)
+        )
+    model_max = _model_max_length(tokenizer)
+    if max_length is None:
+        if model_max is None:
+            raise InvalidOptionError(
+                "The tokenizer does not state its model's maximum length; pass max_length= "
+                "(the model config's max_position_embeddings)."
+            )
+        max_length = model_max
+    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
+        raise InvalidOptionError(f"max_length must be a positive int, got {max_length!r}.")
+    if model_max is not None and max_length > model_max:
+        # Longer inputs than the position embeddings index errors or garbage, not a clean failure.
+        logger.warning(
+            "max_length=%d is above the model's maximum of %d tokens; rows longer than %d may fail.",
+            max_length, model_max, model_max,
         )
     texts = list(texts)
     if not texts:
@@ -404,18 +485,19 @@ def check_lengths(texts: list[str], tokenizer: Any, max_length: int, *, policy: 
     lengths = [len(ids) for ids in tokenizer(texts, truncation=False, verbose=False)["input_ids"]]
     too_long = sum(length > max_length for length in lengths)
     if not too_long:
+        logger.info("All %d rows fit in max_length=%d tokens (longest %d).", len(texts), max_length, max(lengths))
         return 0
     longest = max(lengths)
-    model_max = getattr(tokenizer, "model_max_length", None)
-    # Tokenizers without a known limit report a huge sentinel (int(1e30)) as model_max_length.
-    if isinstance(model_max, int) and model_max < 1_000_000:
-        limit = f"up to the model's maximum of {model_max}"
-    else:
-        limit = "up to the model's maximum (its max_position_embeddings)"
     if policy == "error":
+        if model_max is None:
+            fix = "Raise max_length (up to the model's max_position_embeddings), shorten those texts"
+        elif max_length < model_max:
+            fix = f"Raise max_length (up to the model's maximum of {model_max}), shorten those texts"
+        else:
+            fix = f"The model takes at most {model_max} tokens: shorten or split those texts"
         raise DataError(
             f"{too_long} of {len(texts)} rows are longer than max_length={max_length} tokens (longest: {longest}). "
-            f"Raise max_length ({limit}) or pass policy='truncate' to cut them."
+            f"{fix}, or pass policy='truncate' to cut them."
         )
     logger.warning(
         "%d of %d rows exceed max_length=%d tokens (longest %d); they will be truncated.",
@@ -463,8 +545,9 @@ AG_NEWS_TEST_ROWS = 1600
 
 def _ag_news_text(title: str, description: str) -> str:
     text = f"{title}. {description}"
-    # The corpus marks line breaks with a bare backslash ("second\team"), and escapes "$" as "\$";
-    # a literal "\n" never occurs as an escape (all 11 are a break before a word starting with n).
+    # The corpus marks line breaks with a bare backslash ("General\Electric"), and escapes "$" as "\$"
+    # ("US\$1.25"); a "\n" is never a newline escape (all 11 are a break before a word starting with n).
+    text = re.sub(r"\\+(?=\$)", "", text)
     text = re.sub(r"\\+", " ", text)
     # Entities lost their "&": "#36;" is "&#36;" ("$"), "#39;" an apostrophe.
     text = re.sub(r"(?<!&)#(\d+);", r"&#\1;", text)

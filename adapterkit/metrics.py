@@ -70,7 +70,7 @@ def classification_metrics(
     return {"accuracy": float(accuracy(preds, labels)), "macro_f1": float(macro_f1(preds, labels, num_labels))}
 
 
-def compute_metrics(eval_pred: Any) -> dict[str, float]:
+def compute_metrics_for_trainer(eval_pred: Any) -> dict[str, float]:
     """``compute_metrics`` for transformers' ``Trainer``: argmax of the logits, then accuracy and macro-F1.
 
     Args:
@@ -87,6 +87,10 @@ def compute_metrics(eval_pred: Any) -> dict[str, float]:
     labels = np.asarray(label_ids).reshape(-1)
     keep = labels != -100
     return classification_metrics(preds[keep], labels[keep])
+
+
+#: The name :mod:`adapterkit.training` hands to ``Trainer``.
+compute_metrics = compute_metrics_for_trainer
 
 
 _TRAILING_PUNCT = string.punctuation + "。！？"
@@ -148,3 +152,19 @@ def gsm8k_answer(text: str | None) -> str | None:
         return _clean_number(marked.group(1))
     numbers = re.findall(_NUMBER, text)
     return _clean_number(numbers[-1]) if numbers else None
+
+
+def gsm8k_exact_match(outputs: Sequence[str | None], references: Sequence[str]) -> float:
+    """Fraction of model outputs whose final number equals the GSM8K reference answer.
+
+    Both sides go through :func:`gsm8k_answer`, so a reference may be the full GSM8K ``answer``
+    (worked solution ending in ``#### 42``) or just the number; an output with no number is wrong.
+
+    Raises:
+        DataError: Different lengths, nothing to score, or a reference without a number.
+    """
+    refs = [gsm8k_answer(r) for r in references]
+    missing = [i for i, r in enumerate(refs) if r is None]
+    if missing:
+        raise DataError(f"References {missing[:5]} hold no number; GSM8K answers end in '#### <number>'.")
+    return exact_match([gsm8k_answer(o) for o in outputs], refs)

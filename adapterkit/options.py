@@ -107,3 +107,12 @@ def parse_options(cls: type[T], argv: list[str] | None = None, *, description: s
             f"Invalid options for {cls.__name__}:\n  - " + "\n  - ".join(problems) + f"\nValid options: {', '.join(sorted(fields))}."
         )
     return cls(**known)
+
+
+def report_results(results: dict[str, Any], results_json: str | None = None) -> None:
+    """Print a recipe's results as an aligned table (for people) and optionally write them as JSON."""
+    flat = {k: v for k, v in results.items() if not isinstance(v, (list, dict))}
+    width = max(len(k) for k in flat)
+    print("\n".join(f"{k:<{width}}  {v}" for k, v in flat.items()))
+    if results_json:
+        Path(results_json).write_text(json.dumps(results, indent=2) + "\n")

@@ -151,7 +151,7 @@ def tokenize(ds, tokenizer, *, task: str, max_length: int, num_labels: int | Non
         if bad:
             raise DataError(
                 f"{what} has labels outside 0..{(num_labels or 0) - 1} (e.g. {sorted(set(map(str, bad)))[:5]}); "
-                "the model was loaded with num_labels={num_labels}. Map labels to ids with "
+                f"the model was loaded with num_labels={num_labels}. Map labels to ids with "
                 "adapterkit.data.prepare_classification, or load the base with the right num_labels."
             )
 

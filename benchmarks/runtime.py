@@ -92,18 +92,21 @@ def run(settings: dict[str, Any]) -> dict[str, Any]:
     folder = ak.save(model, tmp / "a0", name="a0")
     counter = iter(range(10**9))
 
-    def ak_load():
+    def timed_load(load, unload) -> float:
+        """Milliseconds of one load; the unload that follows is not timed."""
         n = f"disk{next(counter)}"
-        ak.load(model, str(folder), name=n)
-        ak.detach(model, n)
+        started = time.perf_counter()
+        load(n)
+        ms = (time.perf_counter() - started) * 1e3
+        unload(n)
+        return ms
 
-    def peft_load():
-        n = f"disk{next(counter)}"
-        pm.load_adapter(str(folder), adapter_name=n)
-        pm.delete_adapter(n)
-
-    result["load_ms"] = _median_ms(ak_load, settings["load_repeat"])
-    result["peft_load_adapter_ms"] = _median_ms(peft_load, settings["load_repeat"])
+    ak_times, peft_times = [], []
+    for _ in range(settings["load_repeat"]):  # alternate the two
+        ak_times.append(timed_load(lambda n: ak.load(model, str(folder), name=n), lambda n: ak.detach(model, n)))
+        peft_times.append(timed_load(lambda n: pm.load_adapter(str(folder), adapter_name=n), pm.delete_adapter))
+    result["load_ms"] = statistics.median(ak_times)
+    result["peft_load_adapter_ms"] = statistics.median(peft_times)
     result["lora_file_bytes"] = _folder_bytes(folder)
 
     # from the loopback Hub (download into an empty cache, then from the cache)
@@ -132,14 +135,28 @@ def run(settings: dict[str, Any]) -> dict[str, Any]:
     def peft_mixed():
         pm(**enc, adapter_names=rows)
 
-    for fn in (mixed, sequential, peft_mixed):
+    @torch.inference_mode()
+    def peft_sequential():
+        for i, n in enumerate(rows):
+            pm.set_adapter(n)
+            pm(input_ids=enc["input_ids"][i : i + 1], attention_mask=enc["attention_mask"][i : i + 1])
+
+    for fn in (mixed, sequential, peft_mixed, peft_sequential):
         fn()  # warm-up
-    result["mixed_batch_ms"] = _median_ms(mixed, settings["mixed_repeat"])
-    result["one_at_a_time_ms"] = _median_ms(sequential, settings["mixed_repeat"])
-    result["peft_mixed_batch_ms"] = _median_ms(peft_mixed, settings["mixed_repeat"])
+    # alternate the four so that drift of this shared machine hits them alike
+    times: dict[str, list[float]] = {"mixed": [], "sequential": [], "peft_mixed": [], "peft_sequential": []}
+    for _ in range(settings["mixed_repeat"]):
+        for key, fn in (("mixed", mixed), ("sequential", sequential), ("peft_mixed", peft_mixed),
+                        ("peft_sequential", peft_sequential)):
+            times[key].append(_median_ms(fn, 1))
+    result["mixed_batch_ms"] = statistics.median(times["mixed"])
+    result["one_at_a_time_ms"] = statistics.median(times["sequential"])
+    result["peft_mixed_batch_ms"] = statistics.median(times["peft_mixed"])
+    result["peft_one_at_a_time_ms"] = statistics.median(times["peft_sequential"])
     result["mixed_speedup"] = result["one_at_a_time_ms"] / result["mixed_batch_ms"]
     result["tokens_per_row"] = int(enc["input_ids"].shape[1])
     result["peak_rss_mb"] = round(peak_rss_mb(), 1)
+    result["torch_threads"] = torch.get_num_threads()
     return result
 
 

@@ -83,6 +83,7 @@ def run_baseline(kind: str, strategy: str, settings: dict[str, Any]) -> dict[str
     model = transformers.AutoModelForSequenceClassification.from_pretrained(
         path, num_labels=len(labels), pad_token_id=tokenizer.pad_token_id, **settings.get("load_kwargs", {})
     )
+    loaded_rss = peak_rss_mb()
     if strategy == "lora":
         model = peft.get_peft_model(model, peft.LoraConfig(task_type="SEQ_CLS", r=8, lora_alpha=16,
                                                            target_modules=settings.get("baseline_targets")))
@@ -107,7 +108,8 @@ def run_baseline(kind: str, strategy: str, settings: dict[str, Any]) -> dict[str
     counter.handle.remove()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return {"seconds": seconds, "processed_tokens": counter.processed, "real_tokens": counter.real,
-            "accuracy": _accuracy(model, tokenizer, dev, max_length), "trainable_params": trainable}
+            "accuracy": _accuracy(model, tokenizer, dev, max_length), "trainable_params": trainable,
+            "peak_rss_after_load_mb": round(loaded_rss, 1)}
 
 
 def run_adapterkit(strategy: str, targets: str | None, settings: dict[str, Any]) -> dict[str, Any]:
@@ -115,6 +117,7 @@ def run_adapterkit(strategy: str, targets: str | None, settings: dict[str, Any])
 
     train, dev, labels = _data(settings)
     model, tokenizer = ak.load_base(settings["model"], task="classification", label_names=labels, bits=settings.get("bits"))
+    loaded_rss = peak_rss_mb()
     options = {"target_modules": targets.split(",")} if targets else {}
     ak.attach(model, strategy, **options)
     counter = TokenCounter(_backbone(model))
@@ -128,7 +131,8 @@ def run_adapterkit(strategy: str, targets: str | None, settings: dict[str, Any])
     return {"seconds": seconds, "processed_tokens": counter.processed, "real_tokens": counter.real,
             "accuracy": _accuracy(model, tokenizer, dev, settings["max_length"]),
             "trainable_params": summary.adapters[0].parameters, "cached_features": metrics.get("cached_features"),
-            "feature_cache_seconds": metrics.get("feature_cache_seconds")}
+            "feature_cache_seconds": metrics.get("feature_cache_seconds"),
+            "peak_rss_after_load_mb": round(loaded_rss, 1), "bits": settings.get("bits")}
 
 
 def main() -> None:
@@ -144,7 +148,8 @@ def main() -> None:
         result = run_adapterkit(strategy, targets or None, settings)
     else:
         result = run_baseline(kind.replace("peft_", ""), strategy, settings)
-    result.update(side=args.side, strategy=strategy, peak_rss_mb=round(peak_rss_mb(), 1),
+    result.update(side=args.side, strategy=strategy, model=settings["model"], torch_threads=torch.get_num_threads(),
+                  peak_rss_mb=round(peak_rss_mb(), 1),
                   real_tokens_per_s=result["real_tokens"] / result["seconds"],
                   padding_fraction=1 - result["real_tokens"] / max(result["processed_tokens"], 1))
     print(json.dumps(result))

@@ -13,7 +13,6 @@ baselines in ``recipes/prompting.py``.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import time
@@ -22,7 +21,7 @@ from typing import Any
 import adapterkit as ak
 from adapterkit import data as akdata
 from adapterkit.metrics import classification_metrics
-from adapterkit.options import parse_options
+from adapterkit.options import parse_options, report_results
 from adapterkit.prompting import PromptTemplate, predict_by_generation, predict_by_scoring
 
 
@@ -79,7 +78,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # 2. model and adapter
     model, tokenizer = ak.load_base(opts.model, task="causal-lm", bits=opts.bits)
     ak.attach(model, opts.strategy, name=opts.name, **opts.adapter)
-    print(ak.summary(model))
+    rank = int(os.environ.get("RANK", "0"))  # torchrun: save, publish and print from rank 0 only
+    if rank == 0:
+        print(ak.summary(model))
 
     # 3. train on the k-shot prompts, then classify the evaluation split
     started = time.perf_counter()
@@ -94,7 +95,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     predict = predict_by_scoring if opts.predict == "scoring" else predict_by_generation
     preds = predict(model, tokenizer, prompts, words)
     metrics = classification_metrics(preds, evaluation["label"][:], num_labels=len(labels))
-    if int(os.environ.get("RANK", "0")) != 0:
+    if rank != 0:
         return metrics
 
     # 4. save and report
@@ -108,11 +109,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     if opts.publish:
         results["commit_url"] = ak.publish(folder, opts.publish)
-    width = max(len(k) for k in results)
-    print("\n".join(f"{k:<{width}}  {v}" for k, v in results.items()))
-    if opts.results_json:
-        with open(opts.results_json, "w") as f:
-            json.dump(results, f, indent=2)
+    report_results(results, opts.results_json)
     return results
 
 

@@ -11,14 +11,13 @@ out for evaluation loss and a greedy generation sample in the report.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 from typing import Any
 
 import adapterkit as ak
 from adapterkit import data as akdata
-from adapterkit.options import parse_options
+from adapterkit.options import parse_options, report_results
 from adapterkit.prompting import generate
 
 
@@ -66,7 +65,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     model, tokenizer = ak.load_base(opts.model, task="causal-lm", bits=opts.bits)
     ak.attach(model, opts.strategy, name=opts.name, **opts.adapter)
-    print(ak.summary(model))
+    rank = int(os.environ.get("RANK", "0"))  # torchrun: save, publish and print from rank 0 only
+    if rank == 0:
+        print(ak.summary(model))
 
     def rows(ds):
         return [{"prompt": to_prompt(tokenizer, r["instruction"], r["input"]), "completion": r["output"]} for r in ds]
@@ -76,7 +77,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         batch_size=opts.batch_size, max_length=opts.max_length, seed=opts.seed, max_steps=opts.max_steps,
         output_dir=f"{opts.output_dir}/checkpoints", recipe={"recipe": "instruction_tuning", **dataclasses.asdict(opts)},
     )
-    if int(os.environ.get("RANK", "0")) != 0:
+    if rank != 0:
         return metrics
     sample_rows = held_out.select(range(min(opts.samples, len(held_out))))
     answers = generate(model, tokenizer, [r["prompt"] for r in rows(sample_rows)], max_new_tokens=opts.max_new_tokens)
@@ -88,14 +89,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     if opts.publish:
         results["commit_url"] = ak.publish(folder, opts.publish)
-    width = max(len(k) for k in results)
-    print("\n".join(f"{k:<{width}}  {v}" for k, v in results.items()))
+    results["samples"] = [{"instruction": r["instruction"], "generated": a} for r, a in zip(sample_rows, answers)]
+    report_results(results, opts.results_json)
     for row, answer in zip(sample_rows, answers):
         print(f"\n### {row['instruction']}\n{row['input']}\n--- generated:\n{answer.strip()}\n--- reference:\n{row['output']}")
-    results["samples"] = [{"instruction": r["instruction"], "generated": a} for r, a in zip(sample_rows, answers)]
-    if opts.results_json:
-        with open(opts.results_json, "w") as f:
-            json.dump(results, f, indent=2)
     return results
 
 

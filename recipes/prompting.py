@@ -12,7 +12,6 @@ adapter first, so trained adapters are evaluated by the very same code.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import random
 import time
@@ -21,7 +20,7 @@ from typing import Any
 import adapterkit as ak
 from adapterkit import data as akdata
 from adapterkit.metrics import classification_metrics
-from adapterkit.options import parse_options
+from adapterkit.options import parse_options, report_results
 from adapterkit.prompting import PromptTemplate, predict_by_generation, predict_by_scoring
 
 
@@ -78,11 +77,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "accuracy": round(metrics["accuracy"], 4), "macro_f1": round(metrics["macro_f1"], 4),
         "eval_seconds": round(time.perf_counter() - started, 1),
     }
-    width = max(len(k) for k in results)
-    print("\n".join(f"{k:<{width}}  {v}" for k, v in results.items()))
-    if opts.results_json:
-        with open(opts.results_json, "w") as f:
-            json.dump(results, f, indent=2)
+    report_results(results, opts.results_json)
     return results
 
 

@@ -13,7 +13,6 @@ and optionally publishes to the Hub.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import time
@@ -21,7 +20,7 @@ from typing import Any
 
 import adapterkit as ak
 from adapterkit import data as akdata
-from adapterkit.options import parse_options
+from adapterkit.options import parse_options, report_results
 
 
 @dataclasses.dataclass
@@ -75,7 +74,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for split in (train, evaluation):
         akdata.check_lengths(split["text"][:], tokenizer, opts.max_length, policy=opts.length_policy)
     ak.attach(model, opts.strategy, name=opts.name, **opts.adapter)
-    print(ak.summary(model))
+    rank = int(os.environ.get("RANK", "0"))  # torchrun: save, publish and print from rank 0 only
+    if rank == 0:
+        print(ak.summary(model))
 
     # 3. train and evaluate
     metrics = ak.train(
@@ -86,8 +87,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
 
     # 4. save (and publish): once, from the first process when torchrun runs several
-    if int(os.environ.get("RANK", "0")) != 0:
-        return {"rank": int(os.environ["RANK"]), **metrics}
+    if rank != 0:
+        return {"rank": rank, **metrics}
     folder = ak.save(model, f"{opts.output_dir}/adapter", name=opts.name)
     summary = ak.summary(model)
     results = {
@@ -101,11 +102,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     if opts.publish:
         results["commit_url"] = ak.publish(folder, opts.publish)
-    width = max(len(k) for k in results)
-    print("\n".join(f"{k:<{width}}  {v}" for k, v in results.items()))
-    if opts.results_json:
-        with open(opts.results_json, "w") as f:
-            json.dump(results, f, indent=2)
+    report_results(results, opts.results_json)
     return results
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import csv
 import json
+import logging
 from collections import Counter
 
 import datasets
@@ -31,10 +33,16 @@ def _shared_data():
 
 
 SHARED = _shared_data()
-needs_shared = pytest.mark.skipif(
-    isinstance(SHARED, DataError),
-    reason=f"shared data folder not found (set ADAPTERKIT_DATA_DIR or check out ../shared): {SHARED}",
-)
+
+
+def needs_shared(*files: str):
+    """Skip unless the shared data folder is found and holds ``files`` (a partial copy is skipped too)."""
+    if isinstance(SHARED, DataError):
+        reason = f"shared data folder not found (set ADAPTERKIT_DATA_DIR or check out ../shared): {SHARED}"
+    else:
+        missing = [f for f in files if not (SHARED / f).is_file()]
+        reason = f"{SHARED} lacks {missing}" if missing else ""
+    return pytest.mark.skipif(bool(reason), reason=reason)
 
 
 def write(path, text):
@@ -98,6 +106,21 @@ def test_local_split_and_options(tmp_path):
         load_table(jsonl, column_names=["x"])
 
 
+def test_reader_options_pass_through(tmp_path):
+    latin = tmp_path / "k.csv"
+    latin.write_bytes("text,label\ncaf\xe9,0\n".encode("latin-1"))
+    assert load_table(str(latin), encoding="latin-1")["text"][:] == ["caf\u00e9"]
+    # a TSV that really uses CSV quoting can opt back in
+    quoted = write(tmp_path / "l.tsv", 'text\tlabel\n"a\tb"\t1\n')
+    assert load_table(quoted, quoting=csv.QUOTE_MINIMAL)["text"][:] == ["a\tb"]
+    with pytest.raises(InvalidOptionError, match="Option not understood .*no_such_option"):
+        load_table(quoted, no_such_option=1)
+    with pytest.raises(InvalidOptionError, match="streaming=True is not supported"):
+        load_table(quoted, streaming=True)
+    with pytest.raises(InvalidOptionError, match="data_files"):
+        load_table(quoted, data_files="x.csv")
+
+
 def test_unparsable_file(tmp_path):
     with pytest.raises(DataError, match="Could not"):
         load_table(write(tmp_path / "j.jsonl", '{"a": 1}\nnot json at all\n'))
@@ -115,6 +138,26 @@ def test_hub_unreachable_offline(monkeypatch):
     msg = str(err.value)
     assert "adapterkit-tests/no-such-dataset" in msg
     assert "local file" in msg and "HF_HUB_OFFLINE=1" in msg
+
+
+def test_hub_options_and_config_errors(monkeypatch):
+    seen = {}
+
+    def fake(path, split=None, **kwargs):
+        if "name" not in kwargs:
+            raise ValueError("Config name is missing.\nPlease pick one among the available configs: ['cola', 'sst2']")
+        if kwargs.get("bogus"):
+            raise TypeError("GlueConfig.__init__() got an unexpected keyword argument 'bogus'")
+        seen.update(path=path, split=split, **kwargs)
+        return datasets.Dataset.from_dict({"sentence": ["a"], "label": [1]})
+
+    monkeypatch.setattr(datasets, "load_dataset", fake)
+    assert len(load_table("nyu-mll/glue", split="train", name="sst2", revision="abc")) == 1
+    assert seen == {"path": "nyu-mll/glue", "split": "train", "name": "sst2", "revision": "abc"}
+    with pytest.raises(DataError, match=r"(?s)several configurations; choose one with name=.*'sst2'"):
+        load_table("nyu-mll/glue", split="train")
+    with pytest.raises(InvalidOptionError, match="bogus"):
+        load_table("nyu-mll/glue", name="sst2", bogus=True)
 
 
 def test_hub_unknown_dataset(monkeypatch):
@@ -149,6 +192,54 @@ def test_hub_split_choice(monkeypatch):
         load_table("a/b", column_names=["y"])
 
 
+def _datasets_endpoint(monkeypatch, hub_env):
+    # datasets copies the endpoint at import, beside huggingface_hub's own copies that hub_env patches.
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(datasets.config, "HF_ENDPOINT", constants.ENDPOINT)
+    monkeypatch.setattr(
+        datasets.config, "HUB_DATASETS_URL", constants.ENDPOINT + "/datasets/{repo_id}/resolve/{revision}/{path}"
+    )
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+
+
+def test_hub_dataset_from_loopback_hub(hub_env, monkeypatch, tmp_path):
+    repo_id = hub_env.repo_id("tiny-sentiment")
+    repo = hub_env.server.create_repo(repo_id, "dataset")
+    hub_env.server.commit(
+        repo, "main", {"data/train.csv": b"text,label\ngood,1\nbad,0\nfine,1\n", "data/test.csv": b"text,label\nok,1\n"}
+    )
+    _datasets_endpoint(monkeypatch, hub_env)
+    cache = str(tmp_path / "ds_cache")
+    ds = load_table(repo_id, split="train", cache_dir=cache)
+    rows = [{"text": "good", "label": 1}, {"text": "bad", "label": 0}, {"text": "fine", "label": 1}]
+    assert ds.to_list() == rows
+    assert any(repo_id in path for _, path in hub_env.server.requests)
+    # the advice in the "unreachable" message holds: offline mode serves a cached dataset
+    hub_env.unreachable()
+    _datasets_endpoint(monkeypatch, hub_env)
+    hub_env.offline()
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    assert load_table(repo_id, split="train", cache_dir=cache).to_list() == rows
+
+
+def test_hub_unknown_dataset_on_loopback_hub(hub_env, monkeypatch, tmp_path):
+    _datasets_endpoint(monkeypatch, hub_env)
+    with pytest.raises(DataError, match="No dataset 'me/never-created'") as err:
+        load_table("me/never-created", cache_dir=str(tmp_path / "ds_cache"))
+    assert "Check the id" in str(err.value)
+
+
+def test_hub_unreachable_for_real(hub_env, monkeypatch, tmp_path):
+    hub_env.unreachable()  # a closed port: connections are refused, retries do not sleep
+    _datasets_endpoint(monkeypatch, hub_env)
+    with pytest.raises(DataError) as err:
+        load_table("me/anything", split="train", cache_dir=str(tmp_path / "ds_cache"))
+    msg = str(err.value)
+    assert "Could not reach the Hugging Face Hub" in msg and "'me/anything'" in msg
+    assert "Pass a local file" in msg and "HF_HUB_OFFLINE=1" in msg
+
+
 # --- prepare_classification --------------------------------------------------------------------
 def test_prepare_string_labels():
     ds = datasets.Dataset.from_dict({"sentence": ["a", "b", "c"], "y": ["pos", "neg", "pos"], "extra": [1, 2, 3]})
@@ -180,6 +271,23 @@ def test_prepare_missing_column():
         prepare_classification(ds, text_column="sentense", label_column="label")
     msg = str(err.value)
     assert "'sentense'" in msg and "['sentence', 'label']" in msg and "Did you mean 'sentence'?" in msg
+
+
+def test_prepare_text_pair():
+    ds = datasets.Dataset.from_dict(
+        {"premise": ["a", "b", "c"], "hypothesis": ["x", "y", "z"], "label": ["yes", "no", "yes"], "id": [1, 2, 3]}
+    )
+    out, names = prepare_classification(
+        ds, text_column="premise", text_pair_column="hypothesis", label_column="label"
+    )
+    assert names == ["no", "yes"] and out.column_names == ["text", "text_pair", "label"]
+    assert out.to_list()[1] == {"text": "b", "text_pair": "y", "label": 0}
+    assert out.features["text_pair"].dtype == "string"
+    with pytest.raises(DataError, match="No column 'hypotesis'.*Did you mean 'hypothesis'"):
+        prepare_classification(ds, text_column="premise", text_pair_column="hypotesis", label_column="label")
+    holes = ds.map(lambda r, i: {"hypothesis": "" if i == 2 else r["hypothesis"]}, with_indices=True)
+    with pytest.raises(DataError, match=r"1 of 3 rows have an empty or missing 'hypothesis' \(row indexes \[2\]\)"):
+        prepare_classification(holes, text_column="premise", text_pair_column="hypothesis", label_column="label")
 
 
 def test_prepare_empty():
@@ -246,6 +354,19 @@ def test_few_shot(toy):
         few_shot(toy.rename_column("label", "y"), 1, seed=0)
 
 
+def test_few_shot_and_split_on_other_column(toy):
+    named = toy.map(lambda r: {"topic": "abc"[r["label"]]}).remove_columns("label")
+    shots = few_shot(named, 3, seed=0, label_column="topic")
+    assert Counter(shots["topic"][:]) == {"a": 3, "b": 3, "c": 3}
+    with pytest.raises(DataError, match=r"'c': 20"):
+        few_shot(named, 21, seed=0, label_column="topic")
+    train, test = stratified_split(named, 10, 0, label_column="topic")  # seed may be positional
+    assert Counter(test["topic"][:]) == {"a": 5, "b": 3, "c": 2} and len(train) == 90
+    unlabelled = datasets.Dataset.from_dict({"y": [0, None, 1]})
+    with pytest.raises(DataError, match=r"'y' mix types .*prepare_classification"):
+        few_shot(unlabelled, 1, seed=0, label_column="y")
+
+
 def test_stratified_split(toy):
     train, test = stratified_split(toy, 0.2, seed=0)
     assert len(train) == 80 and len(test) == 20
@@ -286,6 +407,32 @@ def test_check_lengths(word_tokenizer):
     msg = str(err.value)
     assert "2 of 4 rows" in msg and "longest: 10" in msg and "max_length=6" in msg
     assert "maximum of 64" in msg and "policy='truncate'" in msg
+
+
+def test_check_lengths_model_maximum(word_tokenizer, caplog):
+    texts = ["w2 " * 70, "w3", "w4 " * 80]
+    # max_length defaults to the tokenizer's model_max_length (64)
+    assert check_lengths(texts, word_tokenizer) == 2
+    with pytest.raises(DataError) as err:
+        check_lengths(texts, word_tokenizer, None, "error")
+    msg = str(err.value)
+    assert "2 of 3 rows" in msg and "longest: 80" in msg and "at most 64 tokens: shorten or split" in msg
+    with caplog.at_level(logging.WARNING, logger="adapterkit.data"):
+        assert check_lengths(texts, word_tokenizer, 100) == 0
+    assert "above the model's maximum of 64" in caplog.text
+    with pytest.raises(InvalidOptionError, match="positive int"):
+        check_lengths(texts, word_tokenizer, 0)
+
+
+def test_check_lengths_unknown_limit(word_tokenizer):
+    from copy import copy
+
+    unlimited = copy(word_tokenizer)
+    unlimited.model_max_length = int(1e30)  # what tokenizers without a known limit report
+    with pytest.raises(InvalidOptionError, match="pass max_length="):
+        check_lengths(["w2"], unlimited)
+    with pytest.raises(DataError, match="max_position_embeddings"):
+        check_lengths(["w2 w3 w4"], unlimited, 2, policy="error")
 
 
 def test_check_lengths_unknown_policy(word_tokenizer):
@@ -332,7 +479,7 @@ def test_local_dataset_bad_name_or_split():
         local_dataset("trec", "dev")
 
 
-@needs_shared
+@needs_shared("sst2/train.tsv", "sst2/dev.tsv", "sst2/test.tsv")
 @pytest.mark.parametrize(
     "split, rows, counts",
     [("train", 6920, {0: 3310, 1: 3610}), ("dev", 872, {0: 428, 1: 444}), ("test", 1821, {0: 912, 1: 909})],
@@ -345,7 +492,7 @@ def test_sst2(split, rows, counts):
         assert "this is no `` waterboy ! ''" in ds["text"][:]
 
 
-@needs_shared
+@needs_shared("trec/train.tsv", "trec/test.tsv")
 def test_trec():
     train, names = local_dataset("trec", "train")
     test, _ = local_dataset("trec", "test")
@@ -354,7 +501,7 @@ def test_trec():
     assert len(test) == 500 and [Counter(test["label"][:])[i] for i in range(6)] == [9, 138, 94, 65, 81, 113]
 
 
-@needs_shared
+@needs_shared("ag_news/test.csv", "ag_news/classes.txt")
 def test_ag_news():
     train, names = local_dataset("ag_news", "train")
     test, _ = local_dataset("ag_news", "test")
@@ -365,10 +512,13 @@ def test_ag_news():
     assert not any("\\" in t for t in texts)
     assert not any("#36;" in t or "#39;" in t for t in texts)
     assert any("$10 million Ansari X Prize" in t for t in texts)
+    # "\\$" is an escaped dollar, other backslashes are line breaks
+    assert any("Lenovo will pay US$1.25 billion" in t for t in texts)
+    assert any("manufacturer General Electric Co." in t for t in texts)
     assert test["text"][:] == local_dataset("ag_news", "test")[0]["text"][:]
 
 
-@needs_shared
+@needs_shared("self_instruct/seed_tasks.jsonl", "self_instruct/user_oriented_instructions.jsonl")
 def test_load_instructions_real():
     seed = load_instructions()
     assert len(seed) == 175 and seed.column_names == ["instruction", "input", "output"]

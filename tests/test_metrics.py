@@ -3,14 +3,30 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from transformers import EvalPrediction
 
 from adapterkit.data import data_dir
 from adapterkit.errors import DataError
-from adapterkit.metrics import accuracy, classification_metrics, compute_metrics, exact_match, gsm8k_answer, macro_f1
+from adapterkit.metrics import (
+    accuracy,
+    classification_metrics,
+    compute_metrics,
+    compute_metrics_for_trainer,
+    exact_match,
+    gsm8k_answer,
+    gsm8k_exact_match,
+    macro_f1,
+)
+
+
+def eval_prediction(predictions, label_ids):
+    # What Trainer hands compute_metrics, by the attributes it is read through. Importing the real
+    # class (transformers.trainer_utils) pulls in peft and bitsandbytes: 10+ s for this small file.
+    return SimpleNamespace(predictions=predictions, label_ids=label_ids, inputs=None, losses=None)
+
 
 # preds vs labels: class 0 has tp=1 fp=1 fn=1 (F1 2/4), class 1 tp=2 fp=1 fn=1 (F1 4/6)
 PREDS = [0, 0, 1, 1, 1]
@@ -52,9 +68,17 @@ def test_compute_metrics_tuple_and_ignored_labels():
     logits = np.array([[2.0, 0.1], [1.0, 0.0], [0.0, 3.0], [0.2, 0.9], [0.0, 1.0], [5.0, 0.0]])
     labels = np.array([0, 1, 1, 1, 0, -100])  # argmax = PREDS + a last, ignored row
     hidden = np.zeros((6, 3))
-    out = compute_metrics(EvalPrediction(predictions=(logits, hidden), label_ids=labels))
+    out = compute_metrics_for_trainer(eval_prediction(predictions=(logits, hidden), label_ids=labels))
     assert out == {"accuracy": pytest.approx(0.6), "macro_f1": pytest.approx(7 / 12)}
-    assert compute_metrics((logits[:5], labels[:5])) == out
+    assert compute_metrics_for_trainer((logits[:5], labels[:5])) == out
+    assert compute_metrics is compute_metrics_for_trainer  # the name training.py hands to Trainer
+
+
+def test_compute_metrics_three_classes():
+    # argmax -> [2, 0, 1, 2]; labels [2, 1, 1, 0]: class 0 F1 0, class 1 tp=1 fn=1 (2/3), class 2 tp=1 fp=1 (2/3)
+    logits = np.array([[0.0, 0.1, 0.9], [0.8, 0.1, 0.1], [0.2, 0.5, 0.3], [0.1, 0.2, 0.7]], dtype=np.float32)
+    out = compute_metrics_for_trainer(eval_prediction(predictions=logits, label_ids=np.array([2, 1, 1, 0])))
+    assert out == {"accuracy": pytest.approx(0.5), "macro_f1": pytest.approx((0 + 2 / 3 + 2 / 3) / 3)}
 
 
 def test_exact_match():
@@ -81,6 +105,16 @@ def test_exact_match():
 )
 def test_gsm8k_answer(text, expected):
     assert gsm8k_answer(text) == expected
+
+
+def test_gsm8k_exact_match():
+    refs = ["Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n#### 72", "#### 1,000", "5"]
+    outputs = ["So she sold 72 clips.", "The answer is 1000.00", "I do not know"]
+    assert gsm8k_exact_match(outputs, refs) == pytest.approx(2 / 3)
+    with pytest.raises(DataError, match=r"References \[1\] hold no number"):
+        gsm8k_exact_match(["1", "2"], ["#### 1", "none"])
+    with pytest.raises(DataError, match="1 predictions for 2 references"):
+        gsm8k_exact_match(["1"], ["1", "2"])
 
 
 def test_gsm8k_answer_on_real_data():

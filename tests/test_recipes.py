@@ -58,19 +58,25 @@ def test_text_classification_smoke(tiny, toy_files, tmp_path):
     assert (tmp_path / "run" / "adapter" / "adapterkit.json").is_file()
 
 
-def test_fewshot_and_prompting_smoke(tiny, toy_files, tmp_path):
+def test_fewshot_and_prompting_smoke(tiny, toy_files, tmp_path, capsys):
     train, evaluation = toy_files
     common = ["--model", tiny["llama"], "--train-file", train, "--eval-file", evaluation, "--label-words", '["w7", "w8"]']
     results = recipe("fewshot_causal_lm").main(
         [*common, "--k", "4", "--max-steps", "2", "--output-dir", str(tmp_path / "fs")]
     )
     assert results["k_per_class"] == 4 and 0 <= results["accuracy"] <= 1
+    sidecar = json.loads((tmp_path / "fs" / "adapter" / "adapterkit.json").read_text())
+    assert sidecar["recipe"]["label_words"] == ["w7", "w8"] and "eval_accuracy" in sidecar["metrics"]
     zero = recipe("prompting").main([*common, "--shots", "0"])
     icl = recipe("prompting").main([*common, "--shots", "1", "--adapter", str(tmp_path / "fs" / "adapter")])
     assert zero["shots_per_class"] == 0 and icl["shots_per_class"] == 1
+    # `adapterkit eval` scores the few-shot adapter with the label words and prompt it recorded.
+    assert cli(["eval", str(tmp_path / "fs" / "adapter"), "--dataset", evaluation]) == 0
+    out = capsys.readouterr().out
+    assert f"accuracy  {results['accuracy']:.4f}" in out, out
 
 
-def test_instruction_tuning_smoke(tiny, tmp_path):
+def test_instruction_tuning_smoke(tiny, tmp_path, capsys):
     rows = [{"instruction": f"w{3 + i % 20} w{4 + i % 7}", "input": "", "output": f"w{10 + i % 5} w11"} for i in range(12)]
     path = tmp_path / "instr.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -79,6 +85,10 @@ def test_instruction_tuning_smoke(tiny, tmp_path):
         "--samples", "2", "--max-new-tokens", "4", "--output-dir", str(tmp_path / "it"),
     ])
     assert len(results["samples"]) == 2 and results["eval_perplexity"] > 0
+    assert json.loads((tmp_path / "it" / "adapter" / "adapterkit.json").read_text())["task"] == "causal-lm"
+    # No label words recorded: `adapterkit eval` refuses it with a reason instead of scoring nonsense.
+    assert cli(["eval", str(tmp_path / "it" / "adapter"), "--dataset", str(path)]) == 2
+    assert "without recorded label words" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -156,6 +166,7 @@ def test_cli_train_by_name_and_by_config(tiny, toy_files, tmp_path, monkeypatch,
 
 
 # --- torchrun ------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_torchrun_two_processes_save_once(tiny, toy_files, tmp_path):
     train, evaluation = toy_files
     with socket.socket() as s:
@@ -171,6 +182,8 @@ def test_torchrun_two_processes_save_once(tiny, toy_files, tmp_path):
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert sorted(p.name for p in out.iterdir()) == ["adapter", "checkpoints"]
-    assert sum(line.startswith("accuracy ") for line in result.stdout.splitlines()) == 1  # only rank 0 reports
+    lines = result.stdout.splitlines()
+    assert sum(line.startswith("accuracy ") for line in lines) == 1  # only rank 0 reports
+    assert sum(line.startswith("trainable parameters:") for line in lines) == 1  # and prints the summary
     model, _ = ak.load_base(tiny["bert"], task="classification", label_names=["neg", "pos"])
     ak.load(model, str(out / "adapter"))
