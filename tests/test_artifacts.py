@@ -59,6 +59,45 @@ def test_save_load_reproduces_outputs(tmp_path, strategy, arch):
     torch.testing.assert_close(logits(other, batch), expected)
 
 
+@pytest.mark.parametrize("arch", ["bert", "gpt2", "llama_cls"])
+def test_lora_adapters_added_to_existing_layers_match_peft_injection(tmp_path, arch, monkeypatch):
+    """A second LoRA adapter on the same layers skips peft's model-wide injection and behaves the same."""
+    import peft
+
+    injections = []
+    real_inject = peft.inject_adapter_in_model
+    monkeypatch.setattr(peft, "inject_adapter_in_model", lambda *a, **k: injections.append(k) or real_inject(*a, **k))
+
+    model = trained(arch, "lora", name="a")
+    a_weights = {k: v.clone() for k, v in ak.trainable_parameters(model, "a").items()}
+    model = trained(arch, "lora", name="b", model=model, seed=1)  # trains b only, on the layers a already wraps
+    assert len(injections) == 1
+    for key, value in ak.trainable_parameters(model, "a").items():
+        torch.testing.assert_close(value, a_weights[key], rtol=0, atol=0)
+    batch = make_batch(arch)
+    expected = {}
+    for name in ("a", "b"):
+        ak.use(model, name)
+        expected[name] = logits(model, batch)
+    assert not torch.equal(expected["a"], expected["b"])
+    ak.save(model, tmp_path / "a", name="a")
+    ak.save(model, tmp_path / "b", name="b")
+
+    other = fresh(arch)
+    ak.load(other, str(tmp_path / "b"), name="b")  # injected by peft
+    ak.load(other, str(tmp_path / "a"), name="a")  # added to b's layers
+    assert len(injections) == 2
+    for name in ("a", "b", "a"):
+        ak.use(other, name)
+        torch.testing.assert_close(logits(other, batch), expected[name])
+    ak.detach(other, "b")
+    ak.use(other, "a")
+    torch.testing.assert_close(logits(other, batch), expected["a"])
+    # Other targets than the layers in place go through peft again.
+    ak.attach(other, "lora", name="c", r=2, target_modules="attention")
+    assert len(injections) == 3
+
+
 def test_card_has_hub_metadata(tmp_path):
     from huggingface_hub import ModelCard
 
