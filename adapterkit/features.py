@@ -22,14 +22,15 @@ from adapterkit.targets import backbone_name
 logger = logging.getLogger(__name__)
 
 
-def _key(ids: torch.Tensor) -> bytes:
-    return ids.to(torch.int64).cpu().numpy().tobytes()
+def _key(ids: Sequence[int]) -> tuple[int, ...]:
+    # Plain tuples: hashing them is cheaper than any tensor round trip, and this runs per row per step.
+    return tuple(int(i) for i in ids)
 
 
 class CachedBackbone(nn.Module):
     """Stands in for a frozen backbone: returns the hidden states cached for each row."""
 
-    def __init__(self, cache: dict[bytes, torch.Tensor], pooler: nn.Module | None, pad_id: int) -> None:
+    def __init__(self, cache: dict[tuple[int, ...], torch.Tensor], pooler: nn.Module | None, pad_id: int) -> None:
         super().__init__()
         self.cache = cache
         self.pooler = pooler
@@ -40,32 +41,39 @@ class CachedBackbone(nn.Module):
 
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
+        masks = attention_mask.tolist()
         rows = []
-        for ids, mask in zip(input_ids, attention_mask):
-            key = _key(ids[mask.bool()])
+        for ids, mask in zip(input_ids.tolist(), masks):
+            key = tuple(i for i, m in zip(ids, mask) if m)
             if key not in self.cache:
                 raise KeyError("a row outside the cached data reached the cached backbone")
             rows.append(self.cache[key])
         width = input_ids.shape[1]
-        hidden = rows[0].new_zeros(len(rows), width, rows[0].shape[-1])
-        for i, (row, mask) in enumerate(zip(rows, attention_mask)):
-            hidden[i, mask.bool()] = row.to(hidden.dtype)
+        if all(sum(m) == len(r) and all(m[: len(r)]) for m, r in zip(masks, rows)):
+            # Right padding (the usual case): one padded stack instead of a masked write per row.
+            hidden = nn.utils.rnn.pad_sequence(rows, batch_first=True)
+            if hidden.shape[1] < width:
+                hidden = nn.functional.pad(hidden, (0, 0, 0, width - hidden.shape[1]))
+        else:
+            hidden = rows[0].new_zeros(len(rows), width, rows[0].shape[-1])
+            for i, (row, mask) in enumerate(zip(rows, attention_mask)):
+                hidden[i, mask.bool()] = row
         pooled = self.pooler(hidden) if self.pooler is not None else None
         return BaseModelOutputWithPooling(last_hidden_state=hidden, pooler_output=pooled)
 
 
 @torch.inference_mode()
-def compute_features(backbone: nn.Module, datasets: Sequence, batch_size: int = 64) -> dict[bytes, torch.Tensor]:
+def compute_features(backbone: nn.Module, datasets: Sequence, batch_size: int = 64) -> dict[tuple[int, ...], torch.Tensor]:
     """Hidden states of every distinct row of the tokenized datasets, keyed by token ids."""
-    rows: dict[bytes, list[int]] = {}
+    rows: dict[tuple[int, ...], list[int]] = {}
     for ds in datasets:
         for ids in ds["input_ids"][:]:
-            rows.setdefault(_key(torch.tensor(ids)), ids)
+            rows.setdefault(_key(ids), list(ids))
     ordered = sorted(rows.values(), key=len)  # similar lengths together: almost no padding
     device = next(backbone.parameters()).device
     was_training = backbone.training
     backbone.eval()
-    cache: dict[bytes, torch.Tensor] = {}
+    cache: dict[tuple[int, ...], torch.Tensor] = {}
     try:
         for start in range(0, len(ordered), batch_size):
             chunk = ordered[start : start + batch_size]
@@ -74,7 +82,7 @@ def compute_features(backbone: nn.Module, datasets: Sequence, batch_size: int = 
             mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in chunk], device=device)
             hidden = backbone(input_ids=ids, attention_mask=mask).last_hidden_state
             for r, h in zip(chunk, hidden):
-                cache[_key(torch.tensor(r))] = h[: len(r)].detach().clone()
+                cache[_key(r)] = h[: len(r)].detach().clone()
     finally:
         backbone.train(was_training)
     return cache

@@ -124,3 +124,24 @@ def test_head_training_on_cached_features_matches_full_forward(bert_tok):
     assert results[True][0] == pytest.approx(results[False][0], rel=1e-4)
     for key, value in results[False][1].items():
         torch.testing.assert_close(results[True][1][key], value, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_cached_backbone_returns_the_backbone_states_for_either_padding_side(side):
+    from adapterkit.features import CachedBackbone, compute_features
+
+    backbone = fresh_bert().bert.eval()
+    rows = [[2, 7, 8, 9, 3], [2, 5, 3], [2, 4, 4, 4, 4, 4, 3]]
+    cache = compute_features(backbone, [{"input_ids": rows}])
+    width = max(map(len, rows))
+    pad = [[0] * (width - len(r)) for r in rows]
+    ids = torch.tensor([r + p if side == "right" else p + r for r, p in zip(rows, pad)])
+    mask = torch.tensor([[1] * len(r) + [0] * len(p) if side == "right" else [0] * len(p) + [1] * len(r)
+                         for r, p in zip(rows, pad)])
+    hidden = CachedBackbone(cache, None, 0)(ids, mask).last_hidden_state
+    assert hidden.shape == (3, width, backbone.config.hidden_size)
+    for i, row in enumerate(rows):
+        with torch.no_grad():
+            expected = backbone(input_ids=torch.tensor([row])).last_hidden_state[0]
+        torch.testing.assert_close(hidden[i][mask[i].bool()], expected, rtol=1e-4, atol=1e-5)
+        assert not hidden[i][~mask[i].bool()].any()
