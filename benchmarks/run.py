@@ -44,6 +44,8 @@ SUITES: dict[str, dict[str, Any]] = {
         "smollm2": {"model": "smollm2-135m", "train_rows": 1000, "dev_rows": 400, "batch_size": 16, "max_length": 64,
                     "epochs": 1, "baseline_targets": ["q_proj", "v_proj"]},
         "quality": {"eval_rows": 300, "seeds": [0, 1, 2], "ks": [8, 16], "epochs": 5},
+        # Head-only probes usually train several epochs; there the baselines rerun the frozen backbone every epoch.
+        "head_epochs": {"epochs": 5},
         # SST-2 dev accuracy per strategy on the full training set (6,920 rows), 1 epoch
         "strategies": {"model": "minilm-l6", "train_rows": None, "dev_rows": 872, "batch_size": 16, "max_length": 64,
                        "epochs": 1, "sides": ["adapterkit:lora", "adapterkit:prefix", "adapterkit:head", "adapterkit:full"]},
@@ -346,6 +348,13 @@ def report(results: dict[str, Any]) -> str:
                    for k, v in rt["size_bytes"].items()], ["artifact", "bytes", "fraction of base"]), ""]
         if rt.get("hub_error"):
             parts += [f"Hub load not measured: {rt['hub_error']}", ""]
+    he = results.get("head_epochs")
+    if he:
+        parts += [f"## Head-only training at {he['settings']['epochs']} epochs (same data and settings otherwise)", "",
+                  table(he["rows"], ["side", "seconds", "real_tokens_per_s", "padding_fraction", "peak_rss_mb", "accuracy"]), "",
+                  "The baselines run the frozen backbone on every epoch; adapterkit runs it once and trains the head on "
+                  "the cached states.", "",
+                  table([{"ratio": k, "value": v} for k, v in he["ratios"].items()], ["ratio", "value"]), ""]
     st = results.get("strategies")
     if st:
         parts += [f"## SST-2 dev accuracy per strategy, full training set ({st['settings']['epochs']} epoch, minilm-l6)", "",
@@ -381,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--suite", choices=sorted(SUITES), default="quick")
     parser.add_argument("--out", default=str(RESULTS))
-    parser.add_argument("--only", nargs="*", default=None, help="padding train_speed smollm2 runtime strategies quality")
+    parser.add_argument("--only", nargs="*", default=None, help="padding train_speed smollm2 runtime head_epochs strategies quality")
     parser.add_argument("--name", default=None, help="file name of the results (default: the suite, plus --only)")
     parser.add_argument("--merge", nargs="*", default=None,
                         help="combine the sections of these result JSON files into one result (no measuring)")
@@ -397,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     suite = SUITES[args.suite]
     results: dict[str, Any] = {"suite": args.suite, "env": environment()}
-    want = set(args.only or ["padding", "train_speed", "smollm2", "runtime", "strategies", "quality"])
+    want = set(args.only or ["padding", "train_speed", "smollm2", "runtime", "head_epochs", "strategies", "quality"])
     peak = matmul_peak_gflops()
     results["matmul_peak_gflops"] = peak
     name = args.name or (f"{args.suite}" + (f"-{'-'.join(sorted(want))}" if args.only else ""))
@@ -431,6 +440,12 @@ def main(argv: list[str] | None = None) -> int:
         results["train_speed"] = train_speed(suite["train"], suite["train_groups_late"], checkpoint=partial_train,
                                              previous=results["train_speed"])
         add_flops(results["train_speed"]["rows"], peak)
+        write_result(out, name + ".partial", results)
+    if suite.get("head_epochs") and "head_epochs" in want:
+        print("head_epochs", flush=True)
+        cfg = {**suite["train"], **suite["head_epochs"]}
+        results["head_epochs"] = train_speed(cfg, [(HEAD, 1)], checkpoint=lambda sec: write_result(
+            out, name + ".partial", {**results, "head_epochs": sec}))
         write_result(out, name + ".partial", results)
     if suite.get("quality") and "quality" in want:
         print("quality", flush=True)
