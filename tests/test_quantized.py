@@ -181,3 +181,21 @@ def test_train_runs_on_a_quantized_base(llama_dir, bits, tmp_path):
                        show_progress=False, output_dir=str(tmp_path))
     assert metrics["eval_loss"] > 0
     assert "_hf_peft_config_loaded" not in model.__dict__  # the flag only lives during training
+
+
+def test_mixed_batch_on_a_4bit_base_equals_one_adapter_at_a_time(llama_dir):
+    model, _ = ak.load_base(llama_dir, task="causal-lm", bits=4)
+    batch = make_batch("llama", batch_size=3)
+    for i, name in enumerate(["a", "b"]):
+        ak.attach(model, "lora", name=name, r=4)
+        _train(model, batch, steps=2)
+    model.eval()
+    rows = ["b", None, "a"]
+    expected = []
+    with torch.no_grad():
+        for i, name in enumerate(rows):
+            ak.use(model, name)
+            expected.append(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[i])
+        with ak.mixed_batch(model, rows):
+            mixed = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    torch.testing.assert_close(mixed, torch.stack(expected), rtol=1e-4, atol=1e-4)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import adapterkit as ak
+from adapterkit.state import get_store
 from tests.test_artifacts import fresh, logits, trained
 from tests.tiny import make_batch
 
@@ -23,8 +24,11 @@ def test_mixed_batch_equals_one_adapter_at_a_time(arch):
         ak.use(model, name)
         expected.append(logits(model, batch)[i])
     ak.use(model, "a")
+    layers = [layer for _, layer in get_store(model).extra["lora_layers"]]
     with ak.mixed_batch(model, rows):
+        assert all("forward" in layer.__dict__ for layer in layers)  # the gathered path, not peft's loop
         mixed = logits(model, batch)
+    assert not any("forward" in layer.__dict__ for layer in layers)
     torch.testing.assert_close(mixed, torch.stack(expected), rtol=1e-5, atol=1e-5)
     # the hooks are gone afterwards
     torch.testing.assert_close(logits(model, batch), logits(model, batch))
@@ -52,3 +56,22 @@ def test_mixed_batch_refuses_other_strategies():
     with pytest.raises(ak.IncompatibleModelError, match="'head' adapter"):
         with ak.mixed_batch(model, ["a", "h"]):
             pass
+
+
+def test_mixed_batch_with_different_ranks_falls_back_to_peft():
+    model = fresh("llama")
+    trained("llama", "lora", name="a", model=model)
+    ak.attach(model, "lora", name="wide", r=8)
+    with torch.no_grad():
+        for p in ak.trainable_parameters(model, "wide").values():
+            p.normal_(std=0.05)
+    batch = make_batch("llama", batch_size=2)
+    expected = []
+    for i, name in enumerate(["a", "wide"]):
+        ak.use(model, name)
+        expected.append(logits(model, batch)[i])
+    layers = [layer for _, layer in get_store(model).extra["lora_layers"]]
+    with ak.mixed_batch(model, ["a", "wide"]):
+        assert not any("forward" in layer.__dict__ for layer in layers)
+        mixed = logits(model, batch)
+    torch.testing.assert_close(mixed, torch.stack(expected), rtol=1e-5, atol=1e-5)
