@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -199,3 +201,34 @@ def test_mixed_batch_on_a_4bit_base_equals_one_adapter_at_a_time(llama_dir):
         with ak.mixed_batch(model, rows):
             mixed = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     torch.testing.assert_close(mixed, torch.stack(expected), rtol=1e-4, atol=1e-4)
+
+
+def _mapped_file(address: int) -> str | None:
+    """The file mapped at ``address`` in this process, if any (Linux)."""
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split()
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            if start <= address < end:
+                return fields[5] if len(fields) > 5 else None
+    return None
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads /proc/self/maps")
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantized_base_owns_its_full_precision_weights(tmp_path, bits):
+    """Weights left in full precision are copied out of the memory-mapped checkpoint (else it stays resident)."""
+    from safetensors.torch import load_file
+
+    folder = save_tiny("llama", tmp_path / "m", wide=True)
+    model, _ = ak.load_base(folder, task="causal-lm", bits=bits)
+    saved = load_file(f"{folder}/model.safetensors")
+    checked = 0
+    for name, tensor in model.named_parameters():
+        if name not in saved or type(tensor).__name__ in ("Params4bit", "Int8Params"):
+            continue
+        torch.testing.assert_close(tensor.detach(), saved[name])
+        mapped = _mapped_file(tensor.data_ptr())
+        assert not (mapped or "").endswith(".safetensors"), f"{name} still lives in {mapped}"
+        checked += 1
+    assert checked >= 3  # embeddings and norms at least
