@@ -294,6 +294,9 @@ def report(results: dict[str, Any]) -> str:
              f"torch {env['versions']['torch']}, transformers {env['versions']['transformers']}, "
              f"peft {env['versions']['peft']}, bitsandbytes {env['versions']['bitsandbytes']}, setfit {env['versions']['setfit']}, "
              f"{env['time']}. Matmul peak (fp32, best of 5): {results.get('matmul_peak_gflops', 0):.1f} GFLOP/s.", "",
+             *([f"Merged from {1 + len(results['merged_env'])} runs; the others: " + "; ".join(
+                 f"commit `{e['commit'][:10]}` at {e['time']} (load average {e.get('load_average')})"
+                 for e in results["merged_env"]) + ".", ""] if results.get("merged_env") else []),
              "Every side runs in a fresh process (peak RSS is its own); compared sides run next to each other in one "
              "invocation and the ratios come from those neighbours. The machine is shared: read ratios, not absolutes.", ""]
     tg = [t for t in targets(results) if t["met"] != "not measured" or results.get(t["section"])]
