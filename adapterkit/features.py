@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -22,7 +22,7 @@ from adapterkit.targets import backbone_name
 logger = logging.getLogger(__name__)
 
 
-def _key(ids: Sequence[int]) -> tuple[int, ...]:
+def _key(ids: Iterable[int]) -> tuple[int, ...]:
     # Plain tuples: hashing them is cheaper than any tensor round trip, and this runs per row per step.
     return tuple(int(i) for i in ids)
 
@@ -44,7 +44,7 @@ class CachedBackbone(nn.Module):
         masks = attention_mask.tolist()
         rows = []
         for ids, mask in zip(input_ids.tolist(), masks):
-            key = tuple(i for i, m in zip(ids, mask) if m)
+            key = _key(i for i, m in zip(ids, mask) if m)
             if key not in self.cache:
                 raise KeyError("a row outside the cached data reached the cached backbone")
             rows.append(self.cache[key])

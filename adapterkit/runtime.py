@@ -50,7 +50,7 @@ def mixed_batch(model: nn.Module, adapter_names: list[str | None]) -> Iterator[n
             )
         if getattr(store.record(name).config, "use_dora", False):
             raise IncompatibleModelError(f"Adapter '{name}' uses DoRA, which peft cannot run in a mixed batch.")
-    names = [n if n is not None else BASE_ROW for n in adapter_names]
+    names = _peft_names(adapter_names)
     rows: dict[str, torch.Tensor] = {}
     for i, n in enumerate(names):
         rows.setdefault(n, []).append(i)  # type: ignore[arg-type]
@@ -121,8 +121,12 @@ def _gathered_forward(layer: nn.Module, adapter_names: list[str | None]):
         return None
     base_layer = layer.get_base_layer()
     rows = len(adapter_names)
-    # Rows without an adapter on this layer get a zero update; the zeros are built once per shape.
-    zero_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+    peft_names = _peft_names(adapter_names)
+    if present:
+        # Rows without an adapter on this layer get a zero update.
+        zero_a = lora_a[present[0]].weight.new_zeros(lora_a[present[0]].weight.shape)
+        zero_b = lora_b[present[0]].weight.new_zeros(lora_b[present[0]].weight.shape)
+        scales = [float(layer.scaling[n]) if n in lora_a else 0.0 for n in adapter_names]
 
     def forward(x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         kwargs.pop("adapter_names", None)
@@ -130,19 +134,13 @@ def _gathered_forward(layer: nn.Module, adapter_names: list[str | None]):
             getattr(layer.lora_dropout[n], "p", 0) > 0 for n in present if n in layer.lora_dropout
         )
         if dropout_on or x.dim() != 3 or x.shape[0] != rows:
-            return type(layer).forward(layer, x, *args, adapter_names=list(_peft_names(adapter_names)), **kwargs)
+            return type(layer).forward(layer, x, *args, adapter_names=peft_names, **kwargs)
         result = base_layer(x, *args, **kwargs)
         if not present:
             return result
-        a0 = lora_a[present[0]].weight
-        key = (a0.dtype, a0.device)
-        if key not in zero_cache:
-            zero_cache[key] = (a0.new_zeros(a0.shape), lora_b[present[0]].weight.new_zeros(lora_b[present[0]].weight.shape))
-        zero_a, zero_b = zero_cache[key]
         a = torch.stack([lora_a[n].weight if n in lora_a else zero_a for n in adapter_names])
         b = torch.stack([lora_b[n].weight if n in lora_b else zero_b for n in adapter_names])
-        scale = torch.tensor([float(layer.scaling[n]) if n in lora_a else 0.0 for n in adapter_names],
-                             dtype=a.dtype, device=a.device).view(-1, 1, 1)
+        scale = torch.tensor(scales, dtype=a.dtype, device=a.device).view(-1, 1, 1)
         xa = torch.bmm(x.to(a.dtype), a.transpose(1, 2))
         delta = torch.bmm(xa, b.transpose(1, 2)) * scale
         return result + delta.to(result.dtype)

@@ -180,15 +180,13 @@ class LoraStrategy(Strategy):
         peft_cfg = self.peft_config(model, config, names)
         store = get_store(model)
         with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*fan_in_fan_out.*")
-            if _extend_existing_layers(model, peft_cfg, name, names, store.extra.get("lora_layers") or []):
-                store.extra["lora_peft_config"][name] = peft_cfg
-                return
-        with warnings.catch_warnings():
             # peft warns about Conv1D fan_in_fan_out, which we set on purpose.
             warnings.filterwarnings("ignore", message=".*fan_in_fan_out.*")
             # Several adapters on one base is the point; peft warns about it.
             warnings.filterwarnings("ignore", message=".*Already found a `peft_config`.*")
+            if _extend_existing_layers(model, peft_cfg, name, names, store.extra.get("lora_layers") or []):
+                store.extra["lora_peft_config"][name] = peft_cfg
+                return
             peft.inject_adapter_in_model(peft_cfg, model, adapter_name=name)
         store.extra.setdefault("lora_peft_config", {})[name] = peft_cfg
         store.extra["lora_layers"] = _lora_layers(model)
