@@ -7,20 +7,24 @@ how it switches and what it saves.
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
+from pathlib import Path
 from typing import Any
 
 from torch import nn
 
+from adapterkit import routing
 from adapterkit.config import AdapterConfig
 from adapterkit.errors import AdapterExistsError, AdapterNotFoundError, IncompatibleModelError, InvalidOptionError
+from adapterkit.fingerprint import fingerprint
 from adapterkit.quantized import keep_4bit_trainable, quantization_of
 from adapterkit.registry import default_registry
 from adapterkit.state import AdapterRecord, freeze_all_but, get_store, require_store, unwrap
 from adapterkit.strategies.base import Strategy
 from adapterkit.targets import label_head_paths, parameter_bytes
 
-_ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]*$")
+_ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_\-]*")
 
 
 def _strategy(name: str) -> Strategy:
@@ -69,7 +73,7 @@ def attach(model: nn.Module, strategy: str | AdapterConfig, *, name: str = "defa
 
 def attach_config(base: nn.Module, impl: Strategy, config: AdapterConfig, name: str, meta: dict | None = None) -> None:
     """Attach a validated config (shared by :func:`attach` and :func:`adapterkit.load`)."""
-    if not isinstance(name, str) or not _ADAPTER_NAME.match(name) or name == "base":
+    if not isinstance(name, str) or not _ADAPTER_NAME.fullmatch(name) or name == "base":
         raise InvalidOptionError(
             f"Adapter name {name!r} is invalid: use letters, digits, '_' and '-', starting with a letter or digit "
             "('base' is reserved for the base model)."
@@ -94,8 +98,6 @@ def attach_config(base: nn.Module, impl: Strategy, config: AdapterConfig, name: 
             "gradient updates. Use 'lora' (QLoRA on a 4-bit base), 'prefix' or 'head', or load the base without bits=."
         )
     impl.check_model(base, config)
-    from adapterkit.artifacts import fingerprint
-
     record_meta = {"task": _task_of(base), "label_names": _label_names(base), "quantization": quantization}
     record_meta.update(meta or {})
     # Taken before training: a `full` adapter changes the very weights the fingerprint reads.
@@ -143,8 +145,14 @@ def trainable_parameters(model: nn.Module, name: str) -> dict[str, nn.Parameter]
 
 
 def activate(base: nn.Module, name: str | None) -> None:
-    """Switch the active adapter of an unwrapped model (None: the bare base)."""
+    """Make ``name`` the default adapter of an unwrapped model for good (None: the bare base)."""
     store = require_store(base)
+    if name is not None:
+        store.record(name)  # an unknown name fails before anything changes
+    store.set_default(name, lambda n: _apply_default(base, store, n))
+
+
+def _apply_default(base: nn.Module, store, name: str | None) -> None:
     target = store.record(name).strategy if name is not None else None
     for strategy in {r.strategy for r in store.records.values()}:
         _strategy(strategy).activate(base, name if strategy == target else None)
@@ -157,23 +165,38 @@ def activate(base: nn.Module, name: str | None) -> None:
 
 
 class _Switch:
-    """Returned by :func:`use`: the switch already happened; ``with`` restores the previous one."""
+    """Returned by :func:`use`. The default already switched; ``with`` makes the switch the
+    calling thread's / task's own instead (the default goes back at once) until the block ends."""
 
-    def __init__(self, model: nn.Module, previous: str | None) -> None:
+    def __init__(self, model: nn.Module, store, name: str | None, switch, statement_token) -> None:
         self.model = model
-        self.previous = previous
+        self.store = store
+        self.name = name
+        self.switch = switch
+        self.statement_token = statement_token
+        self.token = None
 
     def __enter__(self) -> nn.Module:
+        base = unwrap(self.model)
+        self.store.take_back(self.switch, lambda n: _apply_default(base, self.store, n))
+        if self.statement_token is not None:  # what use() did to an enclosing block is undone too
+            routing.pop(self.statement_token)
+            self.statement_token = None
+        self.token = routing.push(self.store, routing.Route(name=self.name))
         return self.model
 
     def __exit__(self, *exc: object) -> None:
-        activate(unwrap(self.model), self.previous)
+        if self.token is not None:
+            routing.pop(self.token)
+            self.token = None
 
 
 def use(model: nn.Module, name: str | None) -> _Switch:
     """Make adapter ``name`` the active one (``None`` for the bare base); no weights are copied.
 
-    Usable as a context manager to switch temporarily:
+    As a statement it sets the model's default adapter. As a context manager the choice is
+    the calling thread's or asyncio task's own: forwards inside the block use ``name`` while
+    other threads keep theirs, and nothing changes for anyone else.
 
     Example:
         >>> adapterkit.use(model, "sentiment")
@@ -182,9 +205,14 @@ def use(model: nn.Module, name: str | None) -> _Switch:
     """
     base = unwrap(model)
     store = require_store(base)
-    previous = store.active
-    activate(base, name)
-    return _Switch(model, previous)
+    if name is not None:
+        store.record(name)
+    switch = store.switch_default(name, lambda n: _apply_default(base, store, n))
+    token = None
+    if routing.current(store) is not None:
+        # Inside a `with use(...)` or mixed batch: a statement switches that block too, until it ends.
+        token = routing.push(store, routing.Route(name=name))
+    return _Switch(model, store, name, switch, token)
 
 
 def detach(model: nn.Module, name: str) -> nn.Module:
@@ -193,15 +221,44 @@ def detach(model: nn.Module, name: str) -> nn.Module:
     store = require_store(base)
     record = store.record(name)
     impl = _strategy(record.strategy)
-    if store.active == name:
-        activate(base, None)
-    impl.detach(base, name)
-    store.heads.pop(name, None)
-    del store.records[name]
-    if not store.records:
-        store.install_heads(base, None)
-        del base.__dict__["_adapterkit"]
+    with store.lock:
+        if store.active == name:
+            activate(base, None)
+        impl.detach(base, name)
+        store.heads.pop(name, None)
+        del store.records[name]
+        if not store.records:
+            _drop_store(base, store)
     return model
+
+
+def _drop_store(base: nn.Module, store) -> None:
+    store.install_heads(base, None)
+    store.release_heads()
+    del base.__dict__["_adapterkit"]
+
+
+def _discard(model: nn.Module, name: str, previous: str | None) -> None:
+    """Undo a just-attached adapter ``name`` whose weights were never loaded (a failed load).
+
+    Unlike :func:`detach` this works for every strategy: a ``full`` adapter whose load failed
+    before any weight was copied left the base untouched, so only its record goes.
+    """
+    base = unwrap(model)
+    store = get_store(base)
+    if store is None or name not in store.records:
+        return
+    impl = _strategy(store.records[name].strategy)
+    if impl.shares_base:
+        detach(base, name)
+    else:
+        store.heads.pop(name, None)
+        del store.records[name]
+        if not store.records:
+            _drop_store(base, store)
+    store = get_store(base)
+    if store is not None:
+        activate(base, previous if previous in store.records else None)
 
 
 def list_adapters(model: nn.Module) -> list[str]:
@@ -211,9 +268,9 @@ def list_adapters(model: nn.Module) -> list[str]:
 
 
 def get_active_adapter(model: nn.Module) -> str | None:
-    """Name of the active adapter, or None when the bare base is active."""
+    """Name of the adapter the calling context's forwards use (None: the bare base)."""
     store = get_store(unwrap(model))
-    return store.active if store else None
+    return routing.effective_name(store) if store else None
 
 
 def get_adapter_record(model: nn.Module, name: str) -> AdapterRecord:
@@ -283,6 +340,7 @@ def summary(model: nn.Module) -> ModelSummary:
     seen: dict[int, nn.Parameter] = {id(p): p for p in base.parameters()}
     store = get_store(base)
     adapters = []
+    active = routing.effective_name(store) if store else None
     if store:
         for name in sorted(store.records):
             params = trainable_parameters(base, name)
@@ -297,28 +355,37 @@ def summary(model: nn.Module) -> ModelSummary:
                     options=record.config.to_dict(),
                     parameters=sum(t.numel() for t in tensors.values()),
                     bytes=parameter_bytes(tensors),
-                    active=store.active == name,
+                    active=active == name,
                 )
             )
     total = sum(_numel(p) for p in seen.values())
-    trainable = sum(p.numel() for p in base.parameters() if p.requires_grad)
+    if active is not None:
+        # What the active adapter trains, whether or not its tensors take gradients right now
+        # (a loaded adapter is frozen until train(); use() flips no requires_grad).
+        trainable = sum(p.numel() for p in trainable_parameters(base, active).values())
+    else:
+        trainable = sum(p.numel() for p in base.parameters() if p.requires_grad)
     return ModelSummary(type(base).__name__, total, trainable, quantization_of(base), adapters)
 
 
 def load(
     model: nn.Module,
-    source: str,
+    source: str | os.PathLike,
     *,
     name: str | None = None,
     revision: str | None = None,
     ignore_mismatch: bool = False,
     token: str | None = None,
+    allow_nonfinite: bool = False,
+    timeout: float | None = None,
 ) -> nn.Module:
     """Load a saved adapter from a local folder or a Hub repo id and make it active.
 
-    The adapter must fit the base (architecture, shapes, weight fingerprint); a mismatch is
-    refused with both bases named unless ``ignore_mismatch=True``. Heads and label names are
-    restored. Plain peft folders (LoRA, prefix) load too.
+    The adapter must fit the base (architecture, shapes, weight fingerprint) and its files
+    must be the bytes that were saved; a mismatch is refused with both bases named unless
+    ``ignore_mismatch=True``. Every tensor is checked before any is copied, so a failed load
+    leaves the model as it was. Heads and label names are restored. Plain peft folders (LoRA,
+    prefix) load too, with a warning that their base cannot be verified.
 
     Args:
         model: the base model (it may already carry other adapters).
@@ -327,20 +394,27 @@ def load(
         revision: Hub branch, tag or commit.
         ignore_mismatch: load even if the adapter was trained on another base.
         token: Hub token for private repos.
+        allow_nonfinite: load tensors holding NaN/inf with a warning instead of refusing them.
+        timeout: seconds the Hub may go without progress (default ``$ADAPTERKIT_HUB_TIMEOUT`` or 30).
 
     Returns:
         The same model, like :func:`attach`.
     """
-    from pathlib import Path
+    from adapterkit.artifacts import load_folder, recover
 
-    from adapterkit.artifacts import load_folder
-
-    folder = Path(source)
+    if not isinstance(source, (str, os.PathLike)):
+        raise InvalidOptionError(f"source must be a folder path or a Hub repo id, got {type(source).__name__} {source!r:.60}.")
+    text = os.fspath(source)
+    folder = Path(text).expanduser()
     if not folder.is_dir():
-        if folder.exists() or source.startswith((".", "/", "~")) or source.count("/") > 1:
-            raise AdapterNotFoundError(f"{source} is not a folder with a saved adapter, nor a Hub repo id.")
+        recover(folder)  # a save killed between its renames may have left the adapter beside its path
+    if not folder.is_dir():
+        if folder.exists() or isinstance(source, os.PathLike) or text.startswith((".", "/", "~")) or text.count("/") > 1:
+            raise AdapterNotFoundError(f"{text} is not a folder with a saved adapter, nor a Hub repo id.")
         from adapterkit.hub import download
 
-        folder = download(source, revision=revision, token=token)
-    load_folder(unwrap(model), folder, name=name, ignore_mismatch=ignore_mismatch, source=source)
+        folder = download(text, revision=revision, token=token, timeout=timeout)
+    load_folder(
+        unwrap(model), folder, name=name, ignore_mismatch=ignore_mismatch, source=text, allow_nonfinite=allow_nonfinite
+    )
     return model

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
+import traceback
+from pathlib import Path
 
 import adapterkit as ak
 
@@ -40,15 +43,32 @@ def cached_adapters() -> list[tuple[str, str, dict]]:
     return found
 
 
-def _describe(folder) -> str:
+PEFT_CONFIG = "adapter_config.json"
+
+
+def _read_adapter(folder: Path, source: str) -> dict | None:
+    """The sidecar of the adapter in ``folder``; None for a plain peft adapter; an error for anything else."""
     from adapterkit.artifacts import read_sidecar
 
     sidecar = read_sidecar(folder)
+    if sidecar is None and not (folder / PEFT_CONFIG).is_file():
+        files = sorted(p.name for p in folder.iterdir())[:10]
+        raise ak.AdapterNotFoundError(
+            f"{source} is a folder but holds no adapter: neither an adapterkit sidecar (adapterkit.json) nor a "
+            f"peft {PEFT_CONFIG} is in it (it has {files or 'no files'}). Pass the folder adapterkit.save wrote."
+        )
+    return sidecar
+
+
+def _describe(folder: Path, source: str) -> str:
+    sidecar = _read_adapter(folder, source)
     if sidecar is None:
-        return f"{folder}: a plain peft adapter (no adapterkit sidecar)"
+        return f"{folder}: a plain peft adapter (no adapterkit sidecar); its base cannot be verified"
+    base = sidecar.get("base_model") or {}
+    fingerprint = base.get("fingerprint") or {}
     lines = [
-        f"adapter     {sidecar['name']} ({sidecar['strategy']}, format v{sidecar['format_version']})",
-        f"base        {sidecar['base_model'].get('id')}  fingerprint {sidecar['base_model'].get('fingerprint', {}).get('weights')}",
+        f"adapter     {sidecar.get('name')} ({sidecar.get('strategy')}, format v{sidecar.get('format_version')})",
+        f"base        {base.get('id')}  fingerprint {fingerprint.get('weights') if isinstance(fingerprint, dict) else fingerprint}",
         f"quantized   {sidecar.get('quantization') or 'no'}",
         f"task        {sidecar.get('task')}  labels {sidecar.get('label_names')}",
         f"options     {sidecar.get('options')}",
@@ -59,17 +79,37 @@ def _describe(folder) -> str:
     return "\n".join(lines)
 
 
-def _folder(source: str, revision: str | None):
-    from pathlib import Path
+def _looks_like_path(source: str) -> bool:
+    # A Hub repo id is exactly "owner/name"; anything else is meant as a file or folder here.
+    return (
+        source.startswith((".", "/", "~", "\\")) or "\\" in source or source.count("/") != 1
+        or Path(source).suffix.lower() in (".json", ".safetensors", ".bin", ".pt")
+    )
 
+
+def _folder(source: str, revision: str | None) -> Path:
+    """A local adapter folder, or the Hub repo ``source`` downloaded; a missing path or a file is said as such."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise ak.AdapterNotFoundError(
+            f"{source} is a file, not an adapter folder: pass the folder adapterkit.save wrote (the one holding "
+            f"adapterkit.json{', e.g. ' + str(path.parent) if path.name in ('adapterkit.json', PEFT_CONFIG) else ''})."
+        )
+    if _looks_like_path(source):
+        where = "" if path.is_absolute() else f" (relative to {Path.cwd()})"
+        raise ak.AdapterNotFoundError(
+            f"No such adapter folder: {source} does not exist{where}, and it is not a Hub repo id either "
+            "(those read 'owner/name'). Check the path."
+        )
     from adapterkit.hub import download
 
-    path = Path(source)
-    return path if path.is_dir() else download(source, revision=revision)
+    return download(source, revision=revision)
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    print(_describe(_folder(args.source, args.revision)))
+    print(_describe(_folder(args.source, args.revision), args.source))
     return 0
 
 
@@ -80,6 +120,12 @@ def _cmd_pull(args: argparse.Namespace) -> int:
 
 
 def _cmd_publish(args: argparse.Namespace) -> int:
+    folder = Path(args.folder).expanduser()
+    if not folder.is_dir():
+        raise ak.AdapterNotFoundError(
+            f"{args.folder} is {'a file' if folder.exists() else 'missing'}: publish uploads an adapter folder "
+            "written by adapterkit.save."
+        )
     url = ak.publish(args.folder, args.repo, private=args.private, revision=args.revision, commit_message=args.message)
     print(url)
     return 0
@@ -88,9 +134,7 @@ def _cmd_publish(args: argparse.Namespace) -> int:
 RECIPES = ("text_classification", "fewshot_causal_lm", "prompting", "instruction_tuning")
 
 
-def _recipe_dirs() -> list:
-    from pathlib import Path
-
+def _recipe_dirs() -> list[Path]:
     return [Path.cwd() / "recipes", Path(ak.__file__).resolve().parents[1] / "recipes"]
 
 
@@ -117,11 +161,17 @@ def _cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
     """Run a recipe by name, or the recipe a YAML/JSON config names under `recipe:`."""
     import json
     import tempfile
-    from pathlib import Path
 
     from adapterkit.options import read_config
 
     target = args.recipe
+    if target is None or target in ("-h", "--help"):
+        # The recipe's own parser answers `train <recipe> --help`; only a bare `train --help` lands here.
+        print(args.train_parser.format_help().rstrip())
+        print(f"\nrecipes: {', '.join(RECIPES)}; `adapterkit train <recipe> --help` lists a recipe's options.")
+        if target is None and not args.train_help:
+            raise ak.InvalidOptionError(f"Name a recipe ({', '.join(RECIPES)}) or a YAML/JSON config with `recipe:`.")
+        return 0
     if Path(target).suffix in (".yaml", ".yml", ".json"):
         config = read_config(target)
         recipe = config.pop("recipe", None)
@@ -139,18 +189,32 @@ def _cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
-def _cmd_eval(args: argparse.Namespace, extra: list[str]) -> int:
-    """Evaluate a saved classification adapter (or a few-shot causal-LM one) on a dataset split."""
-    from pathlib import Path
+def _load_recorded_base(model_id: str, **kwargs):
+    """load_base on the base an adapter records, with a hint for ids recorded by older versions."""
+    from adapterkit.models import EMBEDDED_MODELS
 
+    try:
+        return ak.load_base(model_id, **kwargs)
+    except ak.ModelNotAvailableError as err:
+        converted = [e for e in EMBEDDED_MODELS.values() if e.gguf_file and e.model_id == model_id]
+        if not converted:
+            raise
+        # Before adapterkit recorded the alias of a converted model, adapters on it recorded the Hub id.
+        raise ak.ModelNotAvailableError(
+            f"{err} If the adapter was trained on the embedded {converted[0].alias!r} (a GGUF conversion of "
+            f"{model_id}), pass --model {converted[0].alias}."
+        ) from err
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    """Evaluate a saved classification adapter (or a few-shot causal-LM one) on a dataset split."""
     from adapterkit import data as akdata
-    from adapterkit.artifacts import read_sidecar
-    from adapterkit.hub import download
     from adapterkit.metrics import classification_metrics
 
-    folder = Path(args.adapter) if Path(args.adapter).is_dir() else download(args.adapter, revision=args.revision)
-    sidecar = read_sidecar(folder) or {}
+    folder = _folder(args.adapter, args.revision)
+    sidecar = _read_adapter(folder, args.adapter) or {}
     recipe = sidecar.get("recipe") or {}
+    # The recorded id is resolved by load_base: an embedded model's id finds its installed package, offline.
     model_id = args.model or (sidecar.get("base_model") or {}).get("id")
     if not model_id:
         raise ak.InvalidOptionError(f"{args.adapter} does not record its base model; pass --model.")
@@ -175,7 +239,8 @@ def _cmd_eval(args: argparse.Namespace, extra: list[str]) -> int:
     if classifier:
         import torch
 
-        model, tokenizer = ak.load_base(model_id, task="classification", label_names=sidecar.get("label_names") or labels)
+        model, tokenizer = _load_recorded_base(model_id, task="classification",
+                                               label_names=sidecar.get("label_names") or labels)
         ak.load(model, str(folder))
         preds = []
         with torch.no_grad():
@@ -191,7 +256,7 @@ def _cmd_eval(args: argparse.Namespace, extra: list[str]) -> int:
                 f"{args.adapter} was trained with {len(words)} label words {words}, but {args.dataset} has "
                 f"{len(labels)} labels {labels}."
             )
-        model, tokenizer = ak.load_base(model_id, task="causal-lm")
+        model, tokenizer = _load_recorded_base(model_id, task="causal-lm")
         ak.load(model, str(folder))
         template = PromptTemplate(instruction=recipe.get("instruction") or PromptTemplate().instruction)
         preds = predict_by_scoring(model, tokenizer, [template.render(t) for t in table["text"][:]], words)
@@ -211,10 +276,19 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """Refuses abbreviated flags (subcommand parsers are of this class too): `--max-row` is not `--max-rows`."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``adapterkit`` command."""
-    parser = argparse.ArgumentParser(prog="adapterkit", description=__doc__)
+    parser = _Parser(prog="adapterkit", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress at INFO level")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("list", help="list strategies (and cached adapters)")
     p.set_defaults(func=_cmd_list)
@@ -233,9 +307,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--revision", default=None)
     p.add_argument("--message", default=None)
     p.set_defaults(func=_cmd_publish)
-    p = sub.add_parser("train", help="run a recipe (by name, or a config naming it) with flag overrides")
-    p.add_argument("recipe", help=f"one of {', '.join(RECIPES)}, or a YAML/JSON config with `recipe:`")
-    p.set_defaults(func=_cmd_train, takes_extra=True)
+    # add_help=False: `train <recipe> --help` belongs to the recipe, whose parser shows its options.
+    p = sub.add_parser("train", help="run a recipe (by name, or a config naming it) with flag overrides",
+                       add_help=False, usage="adapterkit train <recipe|config.yaml> [--option value ...]")
+    p.add_argument("recipe", nargs="?", help=f"one of {', '.join(RECIPES)}, or a YAML/JSON config with `recipe:`")
+    p.set_defaults(func=_cmd_train, takes_extra=True, train_parser=p)
     p = sub.add_parser("eval", help="evaluate a saved classification adapter on a dataset")
     p.add_argument("adapter", help="adapter folder or Hub repo id")
     p.add_argument("--dataset", default="sst2")
@@ -246,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--text-column", default="text")
     p.add_argument("--label-column", default="label")
-    p.set_defaults(func=_cmd_eval, takes_extra=True)
+    p.set_defaults(func=_cmd_eval)
     p = sub.add_parser("demo", help="attach strategies to a base model and print summaries")
     p.add_argument("model", nargs="?", default="minilm-l6")
     p.add_argument("--task", default=None)
@@ -260,13 +336,28 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``adapterkit`` console command."""
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if extra and not getattr(args, "takes_extra", False):
+    # Only `train` passes flags on, to its recipe, which refuses the ones it does not know.
+    if getattr(args, "takes_extra", False):
+        args.debug = args.debug or "--debug" in extra
+        args.train_help = any(a in ("-h", "--help") for a in extra)
+        extra = [a for a in extra if a != "--debug"]
+    elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        return args.func(args, extra) if getattr(args, "takes_extra", False) else args.func(args)
+        with contextlib.ExitStack() as stack:
+            if args.command == "train":
+                from adapterkit.data import cli_spelling  # imports `datasets`, which recipes need anyway
+
+                # Hints in a recipe's errors name its flags (`--max-length 64`), not Python keywords; `eval`
+                # has other flags and spells its own hints.
+                stack.enter_context(cli_spelling())
+            return args.func(args, extra) if getattr(args, "takes_extra", False) else args.func(args)
     except (ak.AdapterKitError, OSError) as err:
-        print(f"error: {type(err).__name__}: {err}", file=sys.stderr)
+        if args.debug:
+            traceback.print_exc()
+        else:
+            print(f"error: {type(err).__name__}: {err}", file=sys.stderr)
         return 2
 
 

@@ -58,7 +58,10 @@ class AdapterConfig:
             except TypeError as err:  # e.g. a required option is missing
                 problems.append(str(err))
             else:
-                problems.extend(config.validate())
+                try:
+                    problems.extend(config.validate())
+                except (TypeError, ValueError, AttributeError) as err:  # e.g. comparing a str option with a number
+                    problems.append(f"an option has a value of the wrong type ({err})")
         if problems or config is None:
             label = cls.strategy or cls.__name__
             raise InvalidOptionError(
@@ -89,7 +92,15 @@ class AdapterConfig:
             data: the saved options.
             strict: raise on unknown keys (True) or warn and drop them (False, used when
                 reading files written by a newer adapterkit).
+
+        Raises:
+            InvalidOptionError: ``data`` is not a mapping, or holds an unknown option or bad value.
         """
+        if not isinstance(data, dict) or not all(isinstance(k, str) for k in data):
+            raise InvalidOptionError(
+                f"Options of strategy '{cls.strategy or cls.__name__}' must be a mapping of option names to values, "
+                f"got {type(data).__name__} {data!r:.60}."
+            )
         valid = set(cls.option_names())
         unknown = sorted(set(data) - valid)
         if unknown and not strict:

@@ -10,6 +10,8 @@ The bundled offline datasets (SST-2, TREC, AG News, self-instruct, GSM8K) live i
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import csv
 import html
 import json
@@ -19,7 +21,7 @@ import os
 import random
 import re
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +42,38 @@ _OFFLINE_HINT = (
     "with a cache that already holds the dataset."
 )
 _SHOW = 5  # offending values / row indexes quoted in an error message
+
+# Recipes and the `adapterkit` command read the same errors as the Python API, but their users set
+# options as flags: hints must say `--length-policy truncate` there and `length_policy="truncate"` here.
+_CLI_SPELLING: contextvars.ContextVar[bool] = contextvars.ContextVar("adapterkit_cli_spelling", default=False)
+_NO_VALUE = object()
+
+
+@contextlib.contextmanager
+def cli_spelling() -> Iterator[None]:
+    """Within, error hints name options as command-line flags (``--max-length 128``)."""
+    token = _CLI_SPELLING.set(True)
+    try:
+        yield
+    finally:
+        _CLI_SPELLING.reset(token)
+
+
+def option_hint(name: str, value: Any = _NO_VALUE) -> str:
+    """How to set option ``name`` (to ``value``), spelt for the reader: a flag or a keyword.
+
+    Example:
+        ``option_hint("length_policy", "truncate")`` is ``length_policy="truncate"`` from Python
+        and ``--length-policy truncate`` under :func:`cli_spelling`.
+    """
+    if _CLI_SPELLING.get():
+        flag = "--" + name.replace("_", "-")
+        if value is _NO_VALUE:
+            return flag
+        return f"{flag} {value if isinstance(value, str) else json.dumps(value)}"
+    if value is _NO_VALUE:
+        return f"{name}="
+    return f"{name}={json.dumps(value) if isinstance(value, str) else repr(value)}"
 
 
 # --- loading ---------------------------------------------------------------------------------
@@ -233,6 +267,14 @@ def _as_label_id(value: Any) -> int | str | None:
         return None
 
 
+def _missing_label(value: Any) -> bool:
+    if value is None:
+        return True
+    if isinstance(value, str):
+        return not value.strip()
+    return isinstance(value, float) and math.isnan(value)
+
+
 def _label_set(label_names: Sequence[str]) -> str:
     names = list(label_names)
     shown = ", ".join(f"{i}={n!r}" for i, n in enumerate(names[:20]))
@@ -278,6 +320,13 @@ def prepare_classification(
     pairs = _texts(dataset, text_pair_column) if text_pair_column else None
 
     raw = _column(dataset, label_column)
+    missing = [i for i, v in enumerate(raw) if _missing_label(v)]
+    if missing:
+        # An empty cell is a missing label, never a class named ''.
+        raise DataError(
+            f"{len(missing)} of {len(raw)} rows have an empty or missing label in {label_column!r} "
+            f"(row indexes {missing[:_SHOW]}{' ...' if len(missing) > _SHOW else ''}); label or drop them first."
+        )
     values = [_as_label_id(v) for v in raw]
     if label_names is None:
         feature = dataset.features.get(label_column)
@@ -293,14 +342,16 @@ def prepare_classification(
             raise DataError(
                 f"Labels in {label_column!r} must be all class ids (ints >= 0) or all class names (strings); "
                 f"found types {kinds}, e.g. {', '.join(examples) or 'mixed ints and strings'}. "
-                "Pass label_names= to say which names map to which ids."
+                f"Pass {option_hint('label_names')} to say which names map to which ids."
             )
     else:
         label_names = [str(n) for n in label_names]
         dupes = sorted(n for n, c in Counter(label_names).items() if c > 1)
-        if dupes or not label_names:
+        blank = [n for n in label_names if not n.strip()]
+        if dupes or blank or not label_names:
             raise InvalidOptionError(
-                f"label_names must be non-empty and unique; got {label_names} (duplicates {dupes})."
+                f"label_names must be a non-empty list of unique, non-blank names; got {label_names}"
+                + (f" (duplicates {dupes})" if dupes else "") + (" (blank names)" if blank else "") + "."
             )
 
     index = {name: i for i, name in enumerate(label_names)}
@@ -318,7 +369,7 @@ def prepare_classification(
         raise DataError(
             f"{sum(offending.values())} rows have labels in {label_column!r} outside the label set "
             f"{_label_set(label_names)}: {shown}{' ...' if len(offending) > _SHOW else ''}. "
-            "Give label_names= that cover them (names, or ids 0..n-1), or drop those rows."
+            f"Give {option_hint('label_names')} that cover them (names, or ids 0..n-1), or drop those rows."
         )
     present = sorted(set(ids))
     if len(present) < 2:
@@ -371,7 +422,7 @@ def few_shot(dataset: datasets.Dataset, k: int, *, seed: int, label_column: str 
     if short:
         raise DataError(
             f"few_shot(k={k}) needs {k} rows per class, but classes {short} (label: rows) have fewer. "
-            "Lower k or add rows for those classes."
+            "Lower k (the recipes' --k or --shots) or add rows for those classes."
         )
     rng = random.Random(seed)
     picked = [i for rows in groups.values() for i in rng.sample(rows, k)]
@@ -440,7 +491,12 @@ def _model_max_length(tokenizer: Any) -> int | None:
 
 
 def check_lengths(
-    texts: Sequence[str], tokenizer: Any, max_length: int | None = None, policy: str = "truncate"
+    texts: Sequence[str],
+    tokenizer: Any,
+    max_length: int | None = None,
+    policy: str = "truncate",
+    *,
+    option: str = "policy",
 ) -> int:
     """Count texts longer than ``max_length`` tokens (special tokens included).
 
@@ -449,6 +505,8 @@ def check_lengths(
         tokenizer: A Hugging Face tokenizer.
         max_length: The token budget per text. Default: the tokenizer's ``model_max_length``.
         policy: ``"truncate"`` (log a warning, the texts will be cut) or ``"error"``.
+        option: how the caller names ``policy`` in hints (``train`` and the recipes call it
+            ``length_policy``).
 
     Returns:
         How many texts exceed ``max_length``.
@@ -459,19 +517,19 @@ def check_lengths(
     """
     if policy not in LENGTH_POLICIES:
         raise InvalidOptionError(
-            f"Unknown length policy {policy!r}; choose one of {list(LENGTH_POLICIES)}."
+            f"Unknown length policy {policy!r} ({option_hint(option)}); choose one of {list(LENGTH_POLICIES)}."
             + did_you_mean(policy, LENGTH_POLICIES)
         )
     model_max = _model_max_length(tokenizer)
     if max_length is None:
         if model_max is None:
             raise InvalidOptionError(
-                "The tokenizer does not state its model's maximum length; pass max_length= "
+                f"The tokenizer does not state its model's maximum length; pass {option_hint('max_length')} "
                 "(the model config's max_position_embeddings)."
             )
         max_length = model_max
     if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
-        raise InvalidOptionError(f"max_length must be a positive int, got {max_length!r}.")
+        raise InvalidOptionError(f"{option_hint('max_length')} must be a positive int, got {max_length!r}.")
     if model_max is not None and max_length > model_max:
         # Longer inputs than the position embeddings index errors or garbage, not a clean failure.
         logger.warning(
@@ -490,14 +548,14 @@ def check_lengths(
     longest = max(lengths)
     if policy == "error":
         if model_max is None:
-            fix = "Raise max_length (up to the model's max_position_embeddings), shorten those texts"
+            fix = f"Raise {option_hint('max_length')} (up to the model's max_position_embeddings), shorten those texts"
         elif max_length < model_max:
-            fix = f"Raise max_length (up to the model's maximum of {model_max}), shorten those texts"
+            fix = f"Raise {option_hint('max_length')} (up to the model's maximum of {model_max}), shorten those texts"
         else:
             fix = f"The model takes at most {model_max} tokens: shorten or split those texts"
         raise DataError(
             f"{too_long} of {len(texts)} rows are longer than max_length={max_length} tokens (longest: {longest}). "
-            f"{fix}, or pass policy='truncate' to cut them."
+            f"{fix}, or pass {option_hint(option, 'truncate')} to cut them."
         )
     logger.warning(
         "%d of %d rows exceed max_length=%d tokens (longest %d); they will be truncated.",
@@ -658,7 +716,9 @@ def classification_splits(
 
     Raises:
         DataError: no source given, or the data does not fit (see :func:`prepare_classification`).
+        InvalidOptionError: ``eval_file`` without ``train_file``.
     """
+    data_source(dataset=dataset, train_file=train_file, eval_file=eval_file)  # refuses half-given files
 
     def prepared(table, names=None):
         return prepare_classification(table, text_column=text_column, label_column=label_column, label_names=names)
@@ -674,7 +734,40 @@ def classification_splits(
     if dataset:
         train, labels = prepared(load_table(dataset, split="train"), label_names)
         return train, prepared(load_table(dataset, split="validation"), labels)[0], labels
-    raise DataError("No data given: pass dataset= (sst2, trec, ag_news or a Hub dataset id) or train_file=.")
+    raise DataError(
+        f"No data given: pass {option_hint('dataset')} (sst2, trec, ag_news or a Hub dataset id) "
+        f"or {option_hint('train_file')}."
+    )
+
+
+def data_source(
+    *, dataset: str | None = None, train_file: str | None = None, eval_file: str | None = None
+) -> dict[str, str | None]:
+    """What :func:`classification_splits` reads for these arguments, to record with results.
+
+    Returns:
+        ``{"dataset", "train_file", "eval_file", "eval_data"}``: ``dataset`` is None when a
+        ``train_file`` wins over it, and ``eval_data`` says where the evaluation rows come from.
+
+    Raises:
+        InvalidOptionError: ``eval_file`` without ``train_file`` (it would silently evaluate a
+            model trained on ``dataset`` on other data).
+    """
+    if eval_file and not train_file:
+        raise InvalidOptionError(
+            f"{option_hint('eval_file')} needs {option_hint('train_file')} too: an evaluation file alone would "
+            f"train on {dataset or 'no data'!r} and evaluate on other data. Pass both files, or neither "
+            f"(and choose {option_hint('dataset')})."
+        )
+    if train_file:
+        held_out = f"10% of {train_file}, held out (stratified)"
+        return {"dataset": None, "train_file": str(train_file), "eval_file": eval_file, "eval_data": eval_file or held_out}
+    if dataset in LOCAL_SPLITS:
+        split = "dev" if "dev" in LOCAL_SPLITS[dataset] else "test"
+    else:
+        split = "validation"
+    return {"dataset": dataset, "train_file": None, "eval_file": None,
+            "eval_data": f"{dataset} ({split})" if dataset else None}
 
 
 def subset(dataset: datasets.Dataset, rows: int | None, *, seed: int) -> datasets.Dataset:

@@ -92,6 +92,23 @@ def compute_metrics_for_trainer(eval_pred: Any) -> dict[str, float]:
 #: The name :mod:`adapterkit.training` hands to ``Trainer``.
 compute_metrics = compute_metrics_for_trainer
 
+# Trainer reports bookkeeping next to the metrics; none of it says how good an adapter is.
+_BOOKKEEPING = re.compile(r"(^|_)(epoch|runtime|samples|steps|total_flos|flos)$|_per_second$|^(cached_features|feature_cache_seconds|train_seconds)$")
+
+
+def quality_metrics(values: dict[str, Any]) -> dict[str, float]:
+    """Only the metrics of ``values`` (accuracy, macro-F1, losses, perplexity), as floats.
+
+    Drops what Trainer logs beside them (``epoch``, ``*_runtime``, ``*_per_second``,
+    ``total_flos``, sample counts) and anything that is not a number: this is what
+    an adapter's sidecar and card record.
+    """
+    return {
+        key: float(value)
+        for key, value in values.items()
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and not _BOOKKEEPING.search(key)
+    }
+
 
 _TRAILING_PUNCT = string.punctuation + "。！？"
 

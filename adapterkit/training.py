@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from adapterkit.errors import DataError, InvalidOptionError
+from adapterkit.errors import DataError, InvalidOptionError, did_you_mean
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +35,10 @@ logger = logging.getLogger(__name__)
 #: much larger step than full fine-tuning (2e-3 reached 0.809 where 5e-4 stayed at 0.596).
 DEFAULT_LEARNING_RATES = {"lora": 2e-3, "prefix": 1e-2, "head": 5e-3, "full": 5e-5}
 FALLBACK_LEARNING_RATE = 1e-3
+#: max_length when none is given, capped at the model's position limit (the classic BERT recipe's 128).
+DEFAULT_MAX_LENGTH = 128
+STRATEGIES = ("no", "steps", "epoch")
+_SHOW = 5  # row indexes quoted in an error message
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -49,7 +53,9 @@ class TrainSettings:
         batch_size: per device.
         eval_batch_size: per device, for evaluation.
         gradient_accumulation_steps: optimizer step every N batches.
-        max_length: tokens per example after truncation.
+        max_length: tokens per example after truncation; None is 128, or the model's position
+            limit (``max_position_embeddings``) when that is lower. Above the limit is an error.
+        length_policy: ``"truncate"`` cuts longer texts (with a warning), ``"error"`` refuses them.
         warmup_ratio: linear warmup as a fraction of the steps.
         weight_decay: AdamW weight decay.
         seed: for weights, data order and dropout.
@@ -74,7 +80,8 @@ class TrainSettings:
     batch_size: int = 16
     eval_batch_size: int = 64
     gradient_accumulation_steps: int = 1
-    max_length: int = 128
+    max_length: int | None = None
+    length_policy: str = "truncate"
     warmup_ratio: float = 0.06
     weight_decay: float = 0.01
     seed: int = 0
@@ -94,14 +101,90 @@ class TrainSettings:
     @classmethod
     def from_options(cls, options: dict[str, Any]) -> TrainSettings:
         """Build settings from keywords; unknown ones are an error naming the valid ones."""
-        from adapterkit.errors import did_you_mean
-
         valid = sorted(f.name for f in dataclasses.fields(cls))
         unknown = [k for k in options if k not in valid]
         if unknown:
             hints = "; ".join(f"'{k}'{did_you_mean(k, valid)}" for k in unknown)
             raise InvalidOptionError(f"Unknown training settings: {hints}. Valid: {', '.join(valid)}.")
         return cls(**options)
+
+    def problems(self, position_limit: int | None) -> list[str]:
+        """Every bad value, spelt as the caller sets it (a flag in recipes, a keyword in Python)."""
+        from adapterkit.data import LENGTH_POLICIES, option_hint  # imports `datasets`: only when training
+
+        out: list[str] = []
+
+        def bad(name: str, expected: str) -> None:
+            out.append(f"{option_hint(name)} must be {expected}, got {getattr(self, name)!r}")
+
+        def number(value: Any) -> bool:
+            return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+        def whole(value: Any) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool)
+
+        if self.learning_rate is not None and not (number(self.learning_rate) and self.learning_rate > 0):
+            bad("learning_rate", "a positive number (or None for the strategy's default)")
+        if not (whole(self.max_steps) and (self.max_steps == -1 or self.max_steps > 0)):
+            bad("max_steps", "a positive int, or -1 to train num_epochs")
+        elif self.max_steps == -1 and not (number(self.num_epochs) and self.num_epochs > 0):
+            bad("num_epochs", "a positive number (or set max_steps)")
+        for name in ("batch_size", "eval_batch_size", "gradient_accumulation_steps", "save_steps", "eval_steps",
+                     "logging_steps"):
+            if not (whole(getattr(self, name)) and getattr(self, name) > 0):
+                bad(name, "a positive int")
+        if self.max_length is not None:
+            if not (whole(self.max_length) and self.max_length > 0):
+                bad("max_length", "a positive int (or None for the default)")
+            elif position_limit is not None and self.max_length > position_limit:
+                bad("max_length", f"at most the model's position limit of {position_limit} tokens "
+                    "(its config's max_position_embeddings)")
+        if self.length_policy not in LENGTH_POLICIES:
+            bad("length_policy", " or ".join(repr(p) for p in LENGTH_POLICIES))
+        if not (number(self.warmup_ratio) and 0 <= self.warmup_ratio < 1):
+            bad("warmup_ratio", "a fraction of the steps in [0, 1)")
+        if not (number(self.weight_decay) and self.weight_decay >= 0):
+            bad("weight_decay", "a number >= 0")
+        if not (whole(self.seed) and 0 <= self.seed < 2**32):
+            bad("seed", "an int in [0, 2**32)")
+        for name in ("eval_strategy", "save_strategy"):
+            if getattr(self, name) not in STRATEGIES:
+                bad(name, " or ".join(repr(v) for v in STRATEGIES))
+        for name in ("group_by_length", "gradient_checkpointing", "bf16", "show_progress"):
+            if not isinstance(getattr(self, name), bool):
+                bad(name, "True or False")
+        if self.cache_features is not None and not isinstance(self.cache_features, bool):
+            bad("cache_features", "True, False or None (automatic)")
+        optimizers = _optimizer_names()
+        if self.optim not in optimizers:
+            hint = did_you_mean(str(self.optim), optimizers)
+            out.append(f"{option_hint('optim')} must be a Trainer optimizer name such as 'adamw_torch', "
+                       f"got {self.optim!r}.{hint}")
+        resume = self.resume_from_checkpoint
+        if resume is not None and not isinstance(resume, bool):
+            if not isinstance(resume, (str, os.PathLike)) or not Path(resume).is_dir():
+                bad("resume_from_checkpoint", "an existing checkpoint folder, or True for the latest in output_dir")
+        if self.output_dir is not None and Path(self.output_dir).exists() and not Path(self.output_dir).is_dir():
+            bad("output_dir", "a folder (it is an existing file)")
+        return out
+
+
+def _optimizer_names() -> list[str]:
+    from transformers.training_args import OptimizerNames
+
+    return sorted(o.value for o in OptimizerNames)
+
+
+def position_limit(config: Any) -> int | None:
+    """The most tokens the model's position embeddings index, or None when it has no such limit."""
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "n_ctx"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            if getattr(config, "model_type", "") in ("roberta", "xlm-roberta", "camembert", "mpnet"):
+                # These offset positions by padding_idx + 1: 514 embeddings hold 512 tokens.
+                value -= (getattr(config, "pad_token_id", None) or 1) + 1
+            return value
+    return None
 
 
 # --- data ----------------------------------------------------------------------------
@@ -142,21 +225,102 @@ def _shape(ds, task: str, what: str) -> str:
     )
 
 
+def _rows(indexes: list[int]) -> str:
+    return f"{indexes[:_SHOW]}{' ...' if len(indexes) > _SHOW else ''}"
+
+
+def _check_texts(ds, column: str, what: str, *, allow_empty: bool = False) -> None:
+    values = ds.with_format(None)[column][:]
+    wrong = [i for i, v in enumerate(values) if not isinstance(v, str)]
+    if wrong:
+        kinds = sorted({type(values[i]).__name__ for i in wrong})
+        raise DataError(
+            f"{len(wrong)} of {len(values)} rows of {what} have a {column!r} that is not a string ({', '.join(kinds)}; "
+            f"row indexes {_rows(wrong)}). Fill or drop missing rows and convert the rest to text first "
+            "(adapterkit.data.prepare_classification does both for classification data)."
+        )
+    if not allow_empty:
+        empty = [i for i, v in enumerate(values) if not v.strip()]
+        if empty:
+            raise DataError(
+                f"{len(empty)} of {len(values)} rows of {what} have an empty {column!r} (row indexes {_rows(empty)}); "
+                "there is nothing to learn from them: drop or fill them first."
+            )
+
+
+def _check_labels(ds, what: str, num_labels: int | None) -> list[int]:
+    labels = ds.with_format(None)["label"][:]
+    empty = [i for i, v in enumerate(labels) if v is None or (isinstance(v, str) and not v.strip())]
+    if empty:
+        raise DataError(
+            f"{len(empty)} of {len(labels)} rows of {what} have an empty or missing label (row indexes {_rows(empty)}); "
+            "an empty cell is not a class. Label or drop those rows."
+        )
+    names = [i for i, v in enumerate(labels) if not isinstance(v, int) or isinstance(v, bool)]
+    if names:
+        shown = sorted({repr(labels[i]) for i in names})[:_SHOW]
+        raise DataError(
+            f"{what} has labels that are not class ids (ints), e.g. {', '.join(shown)} (row indexes {_rows(names)}). "
+            "Map class names to ids with adapterkit.data.prepare_classification."
+        )
+    limit = num_labels or 10**9
+    outside = sorted({v for v in labels if not 0 <= v < limit})
+    if outside:
+        raise DataError(
+            f"{what} has labels outside 0..{(num_labels or 0) - 1} (e.g. {[str(v) for v in outside[:_SHOW]]}); "
+            f"the model was loaded with num_labels={num_labels}. Map labels to ids with "
+            "adapterkit.data.prepare_classification, or load the base with the right num_labels."
+        )
+    return labels
+
+
+def check_data(train_ds, eval_ds, *, task: str, num_labels: int | None) -> None:
+    """Refuse rows no training step could use: wrong types, empty cells, labels that do not fit."""
+    train_shape = _shape(train_ds, task, "train_data")
+    eval_shape = _shape(eval_ds, task, "eval_data") if eval_ds is not None else None
+    if eval_shape is not None and eval_shape != train_shape:
+        raise DataError(
+            f"eval_data has the {eval_shape!r} shape (columns {sorted(eval_ds.column_names)}) but train_data the "
+            f"{train_shape!r} one (columns {sorted(train_ds.column_names)}); give both the same columns."
+        )
+    for ds, what in ((train_ds, "train_data"), (eval_ds, "eval_data")):
+        if ds is None:
+            continue
+        if train_shape == "completion":
+            _check_texts(ds, "prompt", what, allow_empty=True)
+            _check_texts(ds, "completion", what)
+        else:
+            _check_texts(ds, "text", what)
+            if train_shape == "classification" and "text_pair" in ds.column_names:
+                _check_texts(ds, "text_pair", what)
+    if train_shape != "classification":
+        return
+    seen = sorted(set(_check_labels(train_ds, "train_data", num_labels)))
+    if len(seen) < 2:
+        raise DataError(
+            f"train_data holds one class only (label {seen[0]}) in {len(train_ds)} rows; a classifier needs "
+            "examples of at least two classes."
+        )
+    if eval_ds is not None:
+        unseen = sorted(set(_check_labels(eval_ds, "eval_data", num_labels)) - set(seen))
+        if unseen:
+            raise DataError(
+                f"eval_data has labels {unseen} that train_data never shows (train labels {seen}); the adapter "
+                "cannot learn them. Split train and evaluation rows from the same labelled data "
+                "(adapterkit.data.stratified_split)."
+            )
+
+
 def tokenize(ds, tokenizer, *, task: str, max_length: int, num_labels: int | None = None, what: str = "data"):
     """Tokenize one of the three data shapes; labels are checked before any training."""
     shape = _shape(ds, task, what)
     if shape == "classification":
-        labels = ds["label"]
-        bad = [lab for lab in labels if not isinstance(lab, int) or not (0 <= lab < (num_labels or 10**9))]
-        if bad:
-            raise DataError(
-                f"{what} has labels outside 0..{(num_labels or 0) - 1} (e.g. {sorted(set(map(str, bad)))[:5]}); "
-                f"the model was loaded with num_labels={num_labels}. Map labels to ids with "
-                "adapterkit.data.prepare_classification, or load the base with the right num_labels."
-            )
+        _check_labels(ds, what, num_labels)
+        pairs = "text_pair" in ds.column_names
 
         def encode(batch):
-            enc = tokenizer(batch["text"], truncation=True, max_length=max_length)
+            second = batch["text_pair"] if pairs else None
+            enc = tokenizer(batch["text"], second, truncation=True, max_length=max_length)
             enc["labels"] = batch["label"]
             return enc
 
@@ -224,6 +388,21 @@ class _Collator:
 
 
 # --- trainer -------------------------------------------------------------------------
+def _last_evaluation():
+    """A TrainerCallback that remembers Trainer's latest evaluation and the step it ran at."""
+    from transformers import TrainerCallback
+
+    class LastEvaluation(TrainerCallback):
+        step: int | None = None
+        metrics: dict[str, float] = {}
+
+        def on_evaluate(self, args, state, control, metrics=None, **kwargs) -> None:
+            self.step = state.global_step
+            self.metrics = dict(metrics or {})
+
+    return LastEvaluation()
+
+
 def _trainer_class():
     from transformers import Trainer
 
@@ -279,15 +458,24 @@ def train(
             ``max_length``, ``seed``, ``output_dir``, ``resume_from_checkpoint``, ...).
 
     Returns:
-        Metrics: ``train_loss``, ``train_runtime``, and ``eval_*`` (accuracy and macro-F1 for
-        classification, loss for language modelling). They are also recorded on the adapter.
+        Metrics: ``train_loss``, ``train_runtime`` (Trainer's loop), ``train_seconds`` (wall time of
+        training, the feature cache included), and ``eval_*`` (accuracy and macro-F1 for
+        classification, loss for language modelling). The metrics proper (losses, accuracy, F1,
+        perplexity; no timings or epoch counts) are also recorded on the adapter.
+
+    Raises:
+        InvalidOptionError: a setting is unknown or out of range (all listed at once).
+        DataError: rows no training step could use: empty or non-string texts, empty or
+            out-of-range labels, a single class, evaluation labels the training data lacks.
+        Both are raised before any Trainer is built or any weight changes.
     """
     import tempfile
 
     import transformers
 
     from adapterkit.api import _strategy, activate, trainable_parameters
-    from adapterkit.metrics import compute_metrics
+    from adapterkit.data import check_lengths
+    from adapterkit.metrics import compute_metrics, quality_metrics
     from adapterkit.quantized import keep_4bit_trainable, quantization_of
     from adapterkit.state import freeze_all_but, require_store, unwrap
 
@@ -297,12 +485,32 @@ def train(
     name = name or store.active
     if name is None:
         raise InvalidOptionError(f"No adapter is active; pass name= (loaded: {', '.join(sorted(store.records))}).")
+    if name not in store.records:
+        raise InvalidOptionError(
+            f"No adapter named {name!r} on this model.{did_you_mean(name, store.records)} "
+            f"Loaded: {', '.join(sorted(store.records))}."
+        )
+    limit = position_limit(base.config)
+    problems = cfg.problems(limit)
+    if tokenizer is None or not callable(tokenizer):
+        problems.append(f"the tokenizer must be the model's tokenizer (from adapterkit.load_base), got {tokenizer!r}")
+    if problems:
+        raise InvalidOptionError("Invalid training settings:\n  - " + "\n  - ".join(problems))
+    if cfg.max_length is None:
+        cfg.max_length = min(DEFAULT_MAX_LENGTH, limit) if limit else DEFAULT_MAX_LENGTH
     record = store.record(name)
-    activate(base, name)
     task = record.meta.get("task") or "causal-lm"
     num_labels = len(record.meta.get("label_names") or []) or getattr(base.config, "num_labels", None)
     train_ds = _as_dataset(train_data, "train_data")
     eval_ds = _as_dataset(eval_data, "eval_data")
+    check_data(train_ds, eval_ds, task=task, num_labels=num_labels)
+    shape = _shape(train_ds, task, "train_data")
+    if shape != "completion":  # prompt + completion rows are cut from the left on purpose
+        for ds in (train_ds, eval_ds):
+            if ds is not None:
+                check_lengths(ds.with_format(None)["text"][:], tokenizer, cfg.max_length, policy=cfg.length_policy,
+                              option="length_policy")
+    activate(base, name)
     transformers.set_seed(cfg.seed)
     train_tok = tokenize(train_ds, tokenizer, task=task, max_length=cfg.max_length, num_labels=num_labels, what="train_data")
     eval_tok = (
@@ -351,6 +559,7 @@ def train(
         # injected in place rather than through a PeftModel wrapper. Unset after training.
         base._hf_peft_config_loaded = True
     trainer_cls = _trainer_class()
+    last_eval = _last_evaluation()
     trainer = trainer_cls(
         model=model,
         args=args,
@@ -359,7 +568,7 @@ def train(
         data_collator=_Collator(tokenizer),
         processing_class=tokenizer,
         compute_metrics=compute_metrics if task == "classification" else None,
-        callbacks=callbacks,
+        callbacks=[*(callbacks or []), last_eval],
     )
     trainer.adapter_name = name
     logger.info(
@@ -370,17 +579,25 @@ def train(
     if use_cache is None:
         use_cache = task == "classification" and _strategy(record.strategy).backbone_frozen(base, name)
     cache_seconds = 0.0
+    started = time.perf_counter()
     with contextlib.ExitStack() as stack:
         if use_cache:
             from adapterkit.features import cached_backbone
 
-            started = time.perf_counter()
             stack.enter_context(
                 cached_backbone(base, [d for d in (train_tok, eval_tok) if d is not None], batch_size=cfg.eval_batch_size)
             )
             cache_seconds = time.perf_counter() - started
         result = trainer.train(resume_from_checkpoint=cfg.resume_from_checkpoint)
-        evaluated = trainer.evaluate(eval_tok) if eval_tok is not None else {}
+        train_seconds = time.perf_counter() - started
+        if eval_tok is None:
+            evaluated = {}
+        elif last_eval.step == trainer.state.global_step:
+            # Trainer just evaluated the final weights (end of the last epoch): running the dev set
+            # again would double the evaluation cost for the same numbers.
+            evaluated = last_eval.metrics
+        else:
+            evaluated = trainer.evaluate(eval_tok)
     base.__dict__.pop("_hf_peft_config_loaded", None)
     metrics: dict[str, float] = {
         "train_loss": float(result.training_loss),
@@ -389,6 +606,7 @@ def train(
         "cached_features": bool(use_cache),
         # The one backbone pass that caching costs is outside Trainer's train_runtime.
         "feature_cache_seconds": round(cache_seconds, 3),
+        "train_seconds": round(train_seconds, 3),
     }
     if eval_tok is not None:
         metrics.update({k: float(v) for k, v in evaluated.items() if isinstance(v, (int, float))})
@@ -397,7 +615,7 @@ def train(
     if cfg.gradient_checkpointing:
         base.gradient_checkpointing_disable()
     base.eval()
-    record.meta.setdefault("metrics", {}).update(metrics)
+    record.meta.setdefault("metrics", {}).update(quality_metrics(metrics))
     settings_record = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("output_dir", "resume_from_checkpoint", "show_progress")}
     settings_record["learning_rate"] = lr
     record.meta["recipe"] = {**(recipe or {}), "train_settings": settings_record}

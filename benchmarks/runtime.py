@@ -16,16 +16,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import peak_rss_mb
-
-
-def _median_ms(fn, repeat: int) -> float:
-    times = []
-    for _ in range(repeat):
-        started = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - started) * 1e3)
-    return statistics.median(times)
+from benchmarks.common import median_ms, peak_rss_mb
 
 
 def _folder_bytes(folder: Path) -> int:
@@ -70,22 +61,22 @@ def run(settings: dict[str, Any]) -> dict[str, Any]:
     for n in names[:2]:
         ak.attach(model, "lora", name=n, **{k: v for k, v in lora.items() if v is not None})
     cycle = iter(range(10**9))
-    result["switch_ms_2"] = _median_ms(lambda: ak.use(model, names[next(cycle) % 2]), settings["repeat"])
+    result["switch_ms_2"] = median_ms(lambda: ak.use(model, names[next(cycle) % 2]), settings["repeat"])
     for n in names[2:]:
         ak.attach(model, "lora", name=n, **{k: v for k, v in lora.items() if v is not None})
     for n in names:
         _randomize(model, n)
-    result["switch_ms_16"] = _median_ms(lambda: ak.use(model, names[next(cycle) % 16]), settings["repeat"])
+    result["switch_ms_16"] = median_ms(lambda: ak.use(model, names[next(cycle) % 16]), settings["repeat"])
 
     # peft on its own copy of the base
     base2, _ = ak.load_base(model_name, task="causal-lm")
     pcfg = ak.get_strategy("lora")().peft_config(base2, ak.LoraConfig(**{k: v for k, v in lora.items() if v is not None}))
     pm = peft.get_peft_model(base2, pcfg, adapter_name="a0")
     pm.add_adapter("a1", pcfg)
-    result["peft_set_adapter_ms_2"] = _median_ms(lambda: pm.set_adapter(["a0", "a1"][next(cycle) % 2]), settings["repeat"])
+    result["peft_set_adapter_ms_2"] = median_ms(lambda: pm.set_adapter(["a0", "a1"][next(cycle) % 2]), settings["repeat"])
     for n in names[2:]:
         pm.add_adapter(n, pcfg)
-    result["peft_set_adapter_ms_16"] = _median_ms(lambda: pm.set_adapter(names[next(cycle) % 16]), settings["repeat"])
+    result["peft_set_adapter_ms_16"] = median_ms(lambda: pm.set_adapter(names[next(cycle) % 16]), settings["repeat"])
 
     # loading one LoRA adapter from disk
     ak.use(model, "a0")
@@ -148,7 +139,7 @@ def run(settings: dict[str, Any]) -> dict[str, Any]:
     for _ in range(settings["mixed_repeat"]):
         for key, fn in (("mixed", mixed), ("sequential", sequential), ("peft_mixed", peft_mixed),
                         ("peft_sequential", peft_sequential)):
-            times[key].append(_median_ms(fn, 1))
+            times[key].append(median_ms(fn, 1))
     result["mixed_batch_ms"] = statistics.median(times["mixed"])
     result["one_at_a_time_ms"] = statistics.median(times["sequential"])
     result["peft_mixed_batch_ms"] = statistics.median(times["peft_mixed"])
@@ -189,7 +180,7 @@ def _hub_load(model, folder: Path, settings: dict[str, Any]) -> dict[str, Any]:
             ak.load(model, "bench/lora", name=n)
             ak.detach(model, n)
 
-        return {"hub_load_cold_ms": cold, "hub_load_cached_ms": _median_ms(warm, settings["load_repeat"])}
+        return {"hub_load_cold_ms": cold, "hub_load_cached_ms": median_ms(warm, settings["load_repeat"])}
 
 
 def main() -> None:

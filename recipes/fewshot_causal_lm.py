@@ -15,13 +15,14 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import sys
 import time
 from typing import Any
 
 import adapterkit as ak
 from adapterkit import data as akdata
 from adapterkit.metrics import classification_metrics
-from adapterkit.options import parse_options, report_results
+from adapterkit.options import parse_options, recipe_main, report_results, run_script
 from adapterkit.prompting import PromptTemplate, predict_by_generation, predict_by_scoring
 
 
@@ -33,9 +34,9 @@ class Options:
     strategy: str = "lora"
     adapter: dict = dataclasses.field(default_factory=dict)
     bits: int | None = None
-    dataset: str | None = "sst2"
-    train_file: str | None = None
-    eval_file: str | None = None
+    dataset: str | None = "sst2"       # sst2, trec, ag_news or a Hub dataset id; train_file wins over it
+    train_file: str | None = None      # CSV/TSV/JSONL/parquet with text and label columns
+    eval_file: str | None = None       # needs train_file; default: 10% of train_file held out
     text_column: str = "text"
     label_column: str = "label"
     label_names: list | None = None
@@ -56,6 +57,7 @@ class Options:
     results_json: str | None = None
 
 
+@recipe_main
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     opts = parse_options(Options, argv, description=__doc__)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -63,6 +65,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         raise ak.InvalidOptionError(f"predict must be 'scoring' or 'generation', got {opts.predict!r}.")
 
     # 1. data: k shots per class, the full evaluation split
+    source = akdata.data_source(dataset=opts.dataset, train_file=opts.train_file, eval_file=opts.eval_file)
     train, evaluation, labels = akdata.classification_splits(
         dataset=opts.dataset, train_file=opts.train_file, eval_file=opts.eval_file, text_column=opts.text_column,
         label_column=opts.label_column, label_names=opts.label_names, seed=opts.seed,
@@ -88,7 +91,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         model, tokenizer, rows, learning_rate=opts.learning_rate, num_epochs=opts.num_epochs,
         batch_size=opts.batch_size, max_length=opts.max_length, seed=opts.seed, max_steps=opts.max_steps,
         output_dir=f"{opts.output_dir}/checkpoints", eval_strategy="no",
-        recipe={"recipe": "fewshot_causal_lm", **dataclasses.asdict(opts), "label_words": words},
+        recipe={"recipe": "fewshot_causal_lm", **dataclasses.asdict(opts), **source, "label_words": words},
     )
     train_seconds = time.perf_counter() - started
     prompts = [template.render(t) for t in evaluation["text"][:]]
@@ -101,7 +104,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # 4. save and report
     folder = ak.save(model, f"{opts.output_dir}/adapter", name=opts.name, metrics={f"eval_{k}": v for k, v in metrics.items()})
     results = {
-        "model": opts.model, "strategy": opts.strategy, "bits": opts.bits, "dataset": opts.dataset or opts.train_file,
+        "model": opts.model, "strategy": opts.strategy, "bits": opts.bits,
+        "dataset": source["dataset"] or source["train_file"], "eval_data": source["eval_data"],
         "k_per_class": opts.k, "seed": opts.seed, "predict": opts.predict, "eval_rows": len(evaluation),
         "accuracy": round(metrics["accuracy"], 4), "macro_f1": round(metrics["macro_f1"], 4),
         "train_loss": round(train_metrics["train_loss"], 4), "train_seconds": round(train_seconds, 1),
@@ -114,4 +118,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_script(main))

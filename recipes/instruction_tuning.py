@@ -13,11 +13,12 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import sys
 from typing import Any
 
 import adapterkit as ak
 from adapterkit import data as akdata
-from adapterkit.options import parse_options, report_results
+from adapterkit.options import parse_options, recipe_main, report_results, run_script
 from adapterkit.prompting import generate
 
 
@@ -54,12 +55,16 @@ def to_prompt(tokenizer: Any, instruction: str, input_text: str) -> str:
     return f"Instruction: {user}\nResponse:"
 
 
+@recipe_main
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     opts = parse_options(Options, argv, description=__doc__)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     table = akdata.load_instructions(opts.instructions).shuffle(seed=opts.seed)
     if len(table) <= opts.eval_rows:
-        raise ak.DataError(f"{len(table)} instructions cannot spare {opts.eval_rows} for evaluation; lower eval_rows.")
+        raise ak.DataError(
+            f"{len(table)} instructions cannot spare {opts.eval_rows} for evaluation; lower "
+            f"{akdata.option_hint('eval_rows')}."
+        )
     held_out = table.select(range(opts.eval_rows))
     train = table.select(range(opts.eval_rows, len(table) if opts.max_train_rows is None else min(len(table), opts.eval_rows + opts.max_train_rows)))
 
@@ -83,9 +88,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     answers = generate(model, tokenizer, [r["prompt"] for r in rows(sample_rows)], max_new_tokens=opts.max_new_tokens)
     folder = ak.save(model, f"{opts.output_dir}/adapter", name=opts.name)
     results = {
-        "model": opts.model, "strategy": opts.strategy, "train_rows": len(train), "eval_rows": len(held_out),
+        "model": opts.model, "strategy": opts.strategy,
+        "instructions": opts.instructions or "self_instruct/seed_tasks.jsonl (bundled)",
+        "train_rows": len(train), "eval_rows": len(held_out),
         "eval_loss": round(metrics["eval_loss"], 4), "eval_perplexity": round(metrics["eval_perplexity"], 2),
-        "train_seconds": round(metrics["train_runtime"], 1), "adapter": str(folder),
+        "train_seconds": round(metrics["train_seconds"], 1), "adapter": str(folder),
     }
     if opts.publish:
         results["commit_url"] = ak.publish(folder, opts.publish)
@@ -97,4 +104,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_script(main))

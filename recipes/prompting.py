@@ -14,13 +14,14 @@ from __future__ import annotations
 import dataclasses
 import logging
 import random
+import sys
 import time
 from typing import Any
 
 import adapterkit as ak
 from adapterkit import data as akdata
 from adapterkit.metrics import classification_metrics
-from adapterkit.options import parse_options, report_results
+from adapterkit.options import parse_options, recipe_main, report_results, run_script
 from adapterkit.prompting import PromptTemplate, predict_by_generation, predict_by_scoring
 
 
@@ -31,9 +32,9 @@ class Options:
     model: str = "smollm2-135m"
     adapter: str | None = None          # a saved adapter (folder or Hub id) to load first
     bits: int | None = None
-    dataset: str | None = "sst2"
-    train_file: str | None = None
-    eval_file: str | None = None
+    dataset: str | None = "sst2"       # sst2, trec, ag_news or a Hub dataset id; train_file wins over it
+    train_file: str | None = None      # labelled rows: in-context examples are drawn from them
+    eval_file: str | None = None       # needs train_file; default: 10% of train_file held out
     text_column: str = "text"
     label_column: str = "label"
     label_names: list | None = None
@@ -47,9 +48,11 @@ class Options:
     results_json: str | None = None
 
 
+@recipe_main
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     opts = parse_options(Options, argv, description=__doc__)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    source = akdata.data_source(dataset=opts.dataset, train_file=opts.train_file, eval_file=opts.eval_file)
     train, evaluation, labels = akdata.classification_splits(
         dataset=opts.dataset, train_file=opts.train_file, eval_file=opts.eval_file, text_column=opts.text_column,
         label_column=opts.label_column, label_names=opts.label_names, seed=opts.seed,
@@ -72,7 +75,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     preds = predict(model, tokenizer, prompts, words, batch_size=opts.batch_size)
     metrics = classification_metrics(preds, evaluation["label"][:], num_labels=len(labels))
     results = {
-        "model": opts.model, "adapter": opts.adapter, "dataset": opts.dataset or opts.train_file,
+        "model": opts.model, "adapter": opts.adapter,
+        "dataset": source["dataset"] or source["train_file"], "eval_data": source["eval_data"],
         "shots_per_class": opts.shots, "seed": opts.seed, "predict": opts.predict, "eval_rows": len(evaluation),
         "accuracy": round(metrics["accuracy"], 4), "macro_f1": round(metrics["macro_f1"], 4),
         "eval_seconds": round(time.perf_counter() - started, 1),
@@ -82,4 +86,4 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_script(main))

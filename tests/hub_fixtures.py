@@ -137,11 +137,20 @@ class HubEnv:
         """Make the client's retry backoff instant (the attempts still happen).
 
         On a cache miss hf_hub_download retries a failed HEAD with backoff (1+2+4+8+8 s), so each
-        "Hub down, file not cached" case would cost ~23 s. Only ``time.sleep`` of that module is used.
+        "Hub down, file not cached" case would cost ~23 s; a download cut short is resumed up to 5
+        times, 1 s apart. Only ``time.sleep`` of those two modules is used. adapterkit's own
+        backoff between attempts (``adapterkit.hub._sleep``) is made instant too; its decisions
+        (how many attempts, within which budget) still run on the real clock.
         """
+        from huggingface_hub import file_download
         from huggingface_hub.utils import _http
 
-        self.monkeypatch.setattr(_http, "time", types.SimpleNamespace(sleep=lambda seconds: None))
+        from adapterkit import hub
+
+        no_sleep = types.SimpleNamespace(sleep=lambda seconds: None)
+        self.monkeypatch.setattr(_http, "time", no_sleep)
+        self.monkeypatch.setattr(file_download, "time", no_sleep)
+        self.monkeypatch.setattr(hub, "_sleep", lambda seconds: None, raising=False)  # older adapterkit: none
 
     def lfs(self, threshold: int = 64) -> None:
         """Files above ``threshold`` bytes go through the LFS batch API (Xet off)."""

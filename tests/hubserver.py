@@ -18,7 +18,9 @@ surface follows ../shared/HUB.md and the client's source:
 - errors: 404 with ``X-Error-Code`` RepoNotFound / RevisionNotFound / EntryNotFound.
 
 ``requests`` logs every request as ``(method, raw path with query)`` so tests can count them;
-``unreachable()`` takes the server off the network for a ``with`` block. Not emulated: auth
+``unreachable()`` takes the server off the network for a ``with`` block; ``faults(...)`` makes
+matching requests stall, fail with a status (``Retry-After`` too), lose their answer, or get a
+truncated, short or corrupted body, for a ``with`` block (see :class:`Fault`). Not emulated: auth
 (any token or none is accepted, private repos are readable), pull requests, Xet, pagination.
 """
 
@@ -63,6 +65,59 @@ class HubError(Exception):
     def __init__(self, status: int, message: str, code: str | None = None, headers: dict | None = None) -> None:
         super().__init__(message)
         self.status, self.code, self.headers = status, code, headers or {}
+
+
+@dataclass
+class Fault:
+    """What ``HubServer.faults`` does to the requests it matches (``hits`` logs them).
+
+    A request matches when its method is in ``methods`` (any if None) and ``paths`` (regexes,
+    searched in the raw path without query; any if None) matches; only the first ``times``
+    matching requests are hit (all if None). Effects, checked in this order:
+
+    - ``stall``: hold the request (body read) without answering for ``stall`` seconds, or until
+      the ``with`` block ends or the server stops; then close the connection unanswered.
+    - ``drop``: close the connection without answering; the request is not applied.
+    - ``status``: answer that status (JSON error body) instead of handling the request, with a
+      ``Retry-After: retry_after`` header and an ``X-Error-Code: error_code`` header when given
+      (``error_code="EntryNotFound"`` makes a 404 mean "no such file"); nothing is applied.
+    - ``stall_body``: handle the request, send the status line and headers, then hold the body
+      like ``stall`` (the client has its answer's headers but never the bytes; the server
+      answers nothing else meanwhile, as it holds its state lock).
+    - ``truncate`` (bytes): handle the request, announce the full ``Content-Length`` but send
+      only the first ``truncate`` bytes of the body, then close the connection.
+    - ``content_length`` (bytes): handle it, but cut the body to that many bytes and say so in
+      ``Content-Length``, as a server with a wrong size would (the answer looks complete).
+    - ``corrupt``: handle it, flip every byte of the body (same length).
+    """
+
+    status: int | None = None
+    retry_after: float | None = None
+    error_code: str | None = None
+    stall: float | None = None
+    drop: bool = False
+    stall_body: float | None = None
+    truncate: int | None = None
+    content_length: int | None = None
+    corrupt: bool = False
+    times: int | None = None
+    paths: tuple[str, ...] | None = None
+    methods: tuple[str, ...] | None = None
+    hits: list[tuple[str, str]] = field(default_factory=list)
+    released: threading.Event = field(default_factory=threading.Event)
+
+    def matches(self, method: str, path: str) -> bool:
+        if self.times is not None and len(self.hits) >= self.times:
+            return False
+        if self.methods is not None and method not in self.methods:
+            return False
+        if self.body_effect and method != "GET":  # only a GET has a body to cut
+            return False
+        return self.paths is None or any(re.search(p, path) for p in self.paths)
+
+    @property
+    def body_effect(self) -> bool:
+        return self.truncate is not None or self.content_length is not None or self.corrupt or bool(self.stall_body)
 
 
 @dataclass
@@ -118,6 +173,7 @@ class HubServer:
         self.requests: list[tuple[str, str]] = []
         self.errors: list[str] = []  # tracebacks of bugs in this server; tests can assert it stays empty
         self.lock = threading.RLock()  # one request mutates state at a time: the client uploads in threads
+        self.active_faults: list[Fault] = []
         self._counter = 0
         self._port = 0
         self._httpd: _Server | None = None
@@ -131,6 +187,8 @@ class HubServer:
         return self
 
     def stop(self) -> None:
+        for fault in list(self.active_faults):  # let stalled handler threads finish (no lock: they may hold it)
+            fault.released.set()
         if self._httpd is not None:
             self._httpd.shutdown()
             self._httpd.server_close()
@@ -145,6 +203,39 @@ class HubServer:
             yield
         finally:
             self.start()
+
+    @contextlib.contextmanager
+    def faults(self, *, status: int | None = None, retry_after: float | None = None, error_code: str | None = None,
+               stall: float | bool | None = None, stall_body: float | bool | None = None,
+               drop: bool = False, truncate: int | None = None, content_length: int | None = None,
+               corrupt: bool = False, times: int | None = None, paths: str | list[str] | tuple[str, ...] | None = None,
+               methods: str | list[str] | tuple[str, ...] | None = None) -> Iterator[Fault]:
+        """Inject a :class:`Fault` into the matching requests for a ``with`` block; yields it (``hits``).
+
+        ``stall=True`` stalls until the block ends. Faults nest; the newest matching one applies.
+        """
+        fault = Fault(status=status, retry_after=retry_after, error_code=error_code,
+                      stall=(3600.0 if stall is True else stall or None),
+                      stall_body=(3600.0 if stall_body is True else stall_body or None), drop=drop,
+                      truncate=truncate, content_length=content_length, corrupt=corrupt, times=times,
+                      paths=(paths,) if isinstance(paths, str) else (tuple(paths) if paths is not None else None),
+                      methods=(methods,) if isinstance(methods, str) else (tuple(methods) if methods else None))
+        with self.lock:
+            self.active_faults.append(fault)
+        try:
+            yield fault
+        finally:
+            fault.released.set()  # first: a stall_body handler holds self.lock while it waits
+            with self.lock:
+                self.active_faults.remove(fault)
+
+    def _take_fault(self, method: str, path: str) -> Fault | None:
+        with self.lock:
+            for fault in reversed(self.active_faults):
+                if fault.matches(method, path):
+                    fault.hits.append((method, path))
+                    return fault
+        return None
 
     def __enter__(self) -> HubServer:
         return self.start()
@@ -285,14 +376,35 @@ class _Handler(BaseHTTPRequestHandler):
             return b"".join(chunks)
         return self.rfile.read(int(self.headers.get("Content-Length") or 0))
 
+    fault: Fault | None = None  # a body fault for the request being answered (see HubServer.faults)
+
     def _send(self, status: int, body: bytes = b"", headers: dict | None = None) -> None:
+        fault, length, cut = self.fault, len(body), None
+        if fault is not None and fault.body_effect and self.command != "HEAD" and status < 300 and body:
+            if fault.corrupt:
+                body = bytes(b ^ 0xFF for b in body)
+            if fault.content_length is not None:
+                body = body[:fault.content_length]
+                length = len(body)
+            if fault.truncate is not None:
+                cut = fault.truncate
         self.send_response(status)
         for key, value in (headers or {}).items():
             self.send_header(key, str(value))
-        self.send_header("Content-Length", str(len(body)))  # HEAD too: the size, minus the bytes
+        self.send_header("Content-Length", str(length))  # HEAD too: the size, minus the bytes
         self.end_headers()
+        if fault is not None and fault.stall_body and self.command != "HEAD" and status < 300 and body:
+            self.wfile.flush()
+            fault.released.wait(fault.stall_body)
+            self.close_connection = True
+            return
         if self.command != "HEAD":
-            self.wfile.write(body)
+            self.wfile.write(body if cut is None else body[:cut])
+        if cut is not None:
+            self.wfile.flush()
+            self.close_connection = True
+            with contextlib.suppress(OSError):  # the client sees the stream end before Content-Length
+                self.connection.shutdown(socket.SHUT_RDWR)
 
     def _json(self, data: object, status: int = 200, headers: dict | None = None) -> None:
         self._send(status, json.dumps(data).encode(), {"Content-Type": "application/json", **(headers or {})})
@@ -303,6 +415,19 @@ class _Handler(BaseHTTPRequestHandler):
         body = self._read_body()
         path, _, query = self.path.partition("?")
         params = {k: v[-1] for k, v in urllib.parse.parse_qs(query).items()}
+        self.fault = fault = self.hub._take_fault(method, path)
+        if fault is not None and (fault.stall or fault.drop):
+            if fault.stall:
+                fault.released.wait(fault.stall)
+            self.close_connection = True  # no answer at all: the client sees the connection close
+            return
+        if fault is not None and fault.status is not None:
+            headers = {"X-Error-Message": f"injected fault: {fault.status}"}
+            if fault.retry_after is not None:
+                headers["Retry-After"] = f"{fault.retry_after:g}"
+            if fault.error_code is not None:
+                headers["X-Error-Code"] = fault.error_code
+            return self._json({"error": f"injected fault: {fault.status}"}, fault.status, headers)
         try:
             with self.hub.lock:
                 self._dispatch(method, path, params, body)

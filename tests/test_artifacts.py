@@ -198,6 +198,9 @@ def test_truncated_safetensors_is_a_clear_error(tmp_path):
     folder = ak.save(trained("bert", "lora"), tmp_path / "a")
     weights = folder / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(ak.AdapterFormatError, match="'adapter_model.safetensors'.*changed since adapterkit.save"):
+        ak.load(fresh("bert"), str(folder))
+    (folder / SIDECAR).unlink()  # a plain peft folder has no manifest: reading the file reports it
     with pytest.raises(ak.AdapterFormatError, match="corrupt or truncated"):
         ak.load(fresh("bert"), str(folder))
 
@@ -205,6 +208,9 @@ def test_truncated_safetensors_is_a_clear_error(tmp_path):
 def test_garbage_safetensors_is_a_clear_error(tmp_path):
     folder = ak.save(trained("bert", "head"), tmp_path / "a")
     (folder / "adapter.safetensors").write_bytes(b"\x00" * 64)
+    sidecar = json.loads((folder / SIDECAR).read_text())
+    del sidecar["manifest"]  # as written before the manifest existed
+    (folder / SIDECAR).write_text(json.dumps(sidecar))
     with pytest.raises(ak.AdapterFormatError, match="corrupt or truncated"):
         ak.load(fresh("bert"), str(folder))
 

@@ -311,8 +311,12 @@ def test_prepare_labels_outside_set():
 
 
 def test_prepare_mixed_labels_and_bad_label_names():
-    ds = datasets.Dataset.from_dict({"text": ["a", "b"], "label": [None, 1]})
+    ds = datasets.Dataset.from_list([{"text": "a", "label": 0}, {"text": "b", "label": 1.5}])
     with pytest.raises(DataError, match="all class ids .* or all class names"):
+        prepare_classification(ds, text_column="text", label_column="label")
+    # A missing label is said as such, not as a type mix.
+    ds = datasets.Dataset.from_dict({"text": ["a", "b"], "label": [None, 1]})
+    with pytest.raises(DataError, match=r"1 of 2 rows have an empty or missing label .*\[0\]"):
         prepare_classification(ds, text_column="text", label_column="label")
     ok = datasets.Dataset.from_dict({"text": ["a", "b"], "label": [0, 1]})
     with pytest.raises(InvalidOptionError, match="unique"):
@@ -406,7 +410,7 @@ def test_check_lengths(word_tokenizer):
         check_lengths(texts, word_tokenizer, 6, policy="error")
     msg = str(err.value)
     assert "2 of 4 rows" in msg and "longest: 10" in msg and "max_length=6" in msg
-    assert "maximum of 64" in msg and "policy='truncate'" in msg
+    assert "maximum of 64" in msg and 'policy="truncate"' in msg
 
 
 def test_check_lengths_model_maximum(word_tokenizer, caplog):

@@ -52,7 +52,7 @@ def test_text_classification_smoke(tiny, toy_files, tmp_path):
     train, evaluation = toy_files
     results = recipe("text_classification").main([
         "--model", tiny["bert"], "--train-file", train, "--eval-file", evaluation, "--max-steps", "2",
-        "--batch-size", "4", "--output-dir", str(tmp_path / "run"), "--adapter", '{"r": 2}',
+        "--batch-size", "4", "--output-dir", str(tmp_path / "run"), "--adapter", '{"r": 2}', "--max-length", "32",
     ])
     assert results["train_rows"] == 32 and 0 <= results["accuracy"] <= 1
     assert (tmp_path / "run" / "adapter" / "adapterkit.json").is_file()
@@ -62,7 +62,7 @@ def test_fewshot_and_prompting_smoke(tiny, toy_files, tmp_path, capsys):
     train, evaluation = toy_files
     common = ["--model", tiny["llama"], "--train-file", train, "--eval-file", evaluation, "--label-words", '["w7", "w8"]']
     results = recipe("fewshot_causal_lm").main(
-        [*common, "--k", "4", "--max-steps", "2", "--output-dir", str(tmp_path / "fs")]
+        [*common, "--k", "4", "--max-steps", "2", "--output-dir", str(tmp_path / "fs"), "--max-length", "32"]
     )
     assert results["k_per_class"] == 4 and 0 <= results["accuracy"] <= 1
     sidecar = json.loads((tmp_path / "fs" / "adapter" / "adapterkit.json").read_text())
@@ -82,7 +82,7 @@ def test_instruction_tuning_smoke(tiny, tmp_path, capsys):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     results = recipe("instruction_tuning").main([
         "--model", tiny["llama"], "--instructions", str(path), "--eval-rows", "4", "--max-steps", "2",
-        "--samples", "2", "--max-new-tokens", "4", "--output-dir", str(tmp_path / "it"),
+        "--samples", "2", "--max-new-tokens", "4", "--output-dir", str(tmp_path / "it"), "--max-length", "32",
     ])
     assert len(results["samples"]) == 2 and results["eval_perplexity"] > 0
     assert json.loads((tmp_path / "it" / "adapter" / "adapterkit.json").read_text())["task"] == "causal-lm"
@@ -110,7 +110,8 @@ def test_real_sst2_run_beats_chance(tmp_path):
 # --- bad input, before any training ------------------------------------------------------
 def _expect(message: str, argv: list[str], tiny, tmp_path, error=ak.DataError):
     with pytest.raises(error, match=message):
-        recipe("text_classification").main(["--model", tiny["bert"], "--output-dir", str(tmp_path / "x"), *argv])
+        recipe("text_classification").main(["--model", tiny["bert"], "--output-dir", str(tmp_path / "x"),
+                                            "--max-length", "32", *argv])
     assert not (tmp_path / "x" / "checkpoints").exists()
 
 
@@ -151,12 +152,12 @@ def test_cli_train_by_name_and_by_config(tiny, toy_files, tmp_path, monkeypatch,
     monkeypatch.chdir(ROOT)
     train, evaluation = toy_files
     args = ["--model", tiny["bert"], "--train-file", train, "--eval-file", evaluation, "--max-steps", "1",
-            "--adapter", '{"r": 2}']
+            "--adapter", '{"r": 2}', "--max-length", "32"]
     assert cli(["train", "text_classification", *args, "--output-dir", str(tmp_path / "a")]) == 0
     config = tmp_path / "run.yaml"
     config.write_text(f"recipe: text_classification\nmodel: {tiny['bert']}\nstrategy: head\nadapter: {{}}\n")
     assert cli(["train", str(config), "--train-file", train, "--eval-file", evaluation, "--max-steps", "1",
-                "--output-dir", str(tmp_path / "b")]) == 0
+                "--output-dir", str(tmp_path / "b"), "--max-length", "32"]) == 0
     assert json.loads((tmp_path / "b" / "adapter" / "adapterkit.json").read_text())["strategy"] == "head"
     assert cli(["train", "text_clasification"]) == 2
     assert "Did you mean 'text_classification'" in capsys.readouterr().err
@@ -177,7 +178,7 @@ def test_torchrun_two_processes_save_once(tiny, toy_files, tmp_path):
     cmd = [str(torchrun), "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port", str(port),
            str(ROOT / "recipes" / "text_classification.py"), "--model", tiny["bert"], "--train-file", train,
            "--eval-file", evaluation, "--max-steps", "2", "--batch-size", "4", "--output-dir", str(out),
-           "--adapter", '{"r": 2}']
+           "--adapter", '{"r": 2}', "--max-length", "32"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -69,10 +69,24 @@ class Strategy:
         """Adapter ``name``'s tensors in this strategy's file format (label head excluded)."""
         return {k: p.detach() for k, p in self.parameters(model, name).items()}
 
+    def check_state_dict(self, model: nn.Module, name: str, tensors: dict[str, torch.Tensor]) -> None:
+        """Raise :class:`~adapterkit.errors.AdapterMismatchError` unless ``tensors`` fit adapter ``name``
+        exactly (same keys as :meth:`state_dict`, same shapes, floating point); copies nothing.
+
+        Loading calls it before :meth:`load_state_dict`, so a failed load changes no weight.
+        """
+        expected = {k: tuple(v.shape) for k, v in self.state_dict(model, name).items()}
+        _check_exact(expected, tensors, self.name)
+
     def load_state_dict(self, model: nn.Module, name: str, tensors: dict[str, torch.Tensor]) -> None:
-        """Copy saved tensors (as returned by :meth:`state_dict`) into adapter ``name``."""
-        params = self.parameters(model, name)
-        _copy_exact(params, tensors, self.name)
+        """Copy saved tensors (as returned by :meth:`state_dict`) into adapter ``name``.
+
+        Everything is checked first (:meth:`check_state_dict`), so a refused file copies nothing.
+        """
+        self.check_state_dict(model, name, tensors)
+        with torch.no_grad():
+            for key, param in self.parameters(model, name).items():
+                param.copy_(tensors[key].to(device=param.device, dtype=param.dtype))
 
     def write_files(self, model: nn.Module, name: str, folder: Path, head: dict[str, torch.Tensor]) -> None:
         """Write the adapter's weights (and the label head's) into ``folder``.
@@ -89,22 +103,26 @@ class Strategy:
         return None
 
 
-def _copy_exact(params: dict[str, nn.Parameter], tensors: dict[str, torch.Tensor], strategy: str) -> None:
+def _check_exact(expected: dict[str, tuple[int, ...]], tensors: dict[str, torch.Tensor], strategy: str) -> None:
     from adapterkit.errors import AdapterMismatchError
 
-    missing = sorted(set(params) - set(tensors))
-    unexpected = sorted(set(tensors) - set(params))
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
     if missing or unexpected:
         raise AdapterMismatchError(
             f"The saved '{strategy}' adapter does not fit this model: "
-            f"{len(missing)} tensors missing (e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})."
+            f"{len(missing)} tensors missing (e.g. {missing[:3]}), "
+            f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})."
         )
-    for key, param in params.items():
+    for key, shape in sorted(expected.items()):
         value = tensors[key]
-        if tuple(value.shape) != tuple(param.shape):
+        if tuple(value.shape) != shape:
             raise AdapterMismatchError(
                 f"The saved '{strategy}' adapter does not fit this model: tensor '{key}' has shape "
-                f"{tuple(value.shape)} in the file but {tuple(param.shape)} in the model."
+                f"{tuple(value.shape)} in the file but {shape} in the model."
             )
-        with torch.no_grad():
-            param.copy_(value.to(device=param.device, dtype=param.dtype))
+        if not value.is_floating_point():
+            raise AdapterMismatchError(
+                f"The saved '{strategy}' adapter does not fit this model: tensor '{key}' has dtype {value.dtype}, "
+                "but adapter weights are floating point."
+            )

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from adapterkit import routing
 from adapterkit.config import AdapterConfig
 from adapterkit.errors import IncompatibleModelError
 from adapterkit.registry import register_strategy
@@ -117,8 +118,18 @@ class PrefixEncoder(nn.Module):
         return [(kv[2 * i], kv[2 * i + 1]) for i in range(g.num_layers)]
 
 
+def _routed_encoder(store) -> PrefixEncoder | None:
+    """The prefix the calling context's forward uses: its own route's, else the default's."""
+    route = routing.current(store)
+    if route is None:
+        return store.extra.get(_ACTIVE)
+    if route.rows is not None:  # rows of a mixed batch are LoRA adapters or the base
+        return None
+    return store.extra[_ENCODERS].get(route.name) if route.name is not None else None
+
+
 def _prefix_pre_hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]):
-    encoder: PrefixEncoder | None = get_store(module).extra.get(_ACTIVE)
+    encoder = _routed_encoder(get_store(module))
     if encoder is None:
         return None
     from transformers import DynamicCache
