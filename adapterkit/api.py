@@ -103,7 +103,15 @@ def attach_config(base: nn.Module, impl: Strategy, config: AdapterConfig, name: 
     # Taken before training: a `full` adapter changes the very weights the fingerprint reads.
     if "base_fingerprint" not in record_meta:
         record_meta["base_fingerprint"] = fingerprint(base)
-    impl.attach(base, config, name)
+    # Built on the base's own modules: with a head adapter that trains blocks as the default,
+    # LoRA would otherwise wrap that adapter's copy of a block instead of the base's. Routed
+    # forwards in other threads are unaffected; unrouted ones see the base until this returns.
+    store.install_heads(base, None)
+    try:
+        impl.attach(base, config, name)
+    except BaseException:
+        store.install_heads(base, store.active)
+        raise
     if impl.trains_label_head:
         store.add_head_copies(base, name, label_head_paths(base))
     store.records[name] = AdapterRecord(name=name, strategy=impl.name, config=config, meta=record_meta)
@@ -224,11 +232,14 @@ def detach(model: nn.Module, name: str) -> nn.Module:
     with store.lock:
         if store.active == name:
             activate(base, None)
+        store.install_heads(base, None)  # strategies remove their layers from the base's own modules
         impl.detach(base, name)
         store.heads.pop(name, None)
         del store.records[name]
         if not store.records:
             _drop_store(base, store)
+        else:
+            store.install_heads(base, store.active)
     return model
 
 

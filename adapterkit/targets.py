@@ -75,6 +75,28 @@ def pooler_path(model: nn.Module) -> str | None:
     return None
 
 
+def layer_stacks(model: nn.Module) -> list[str]:
+    """Paths of the model's stacks of transformer blocks, in model order.
+
+    A stack is an ``nn.ModuleList`` outside the task head whose entries are all of one class
+    and hold parameters (``bert.encoder.layer``, ``transformer.h``, ``model.layers``; T5's
+    ``encoder.block`` and ``decoder.block``). Lists inside a stack (T5's per-block sublayers,
+    mixture-of-experts lists) are parts of a block, not stacks.
+    """
+    excluded = head_zone(model)
+    stacks: list[str] = []
+    for name, module in model.named_modules():
+        if not name or name.startswith(STORE_NAME) or any(name == e or name.startswith(e + ".") for e in excluded):
+            continue
+        if any(name.startswith(s + ".") for s in stacks) or not isinstance(module, nn.ModuleList) or not len(module):
+            continue
+        # By name: a block adapterkit routes is a subclass that keeps its class's name and module.
+        kinds = {(type(m).__module__, type(m).__qualname__) for m in module}
+        if len(kinds) == 1 and all(any(True for _ in m.parameters()) for m in module):
+            stacks.append(name)
+    return stacks
+
+
 def is_linear(module: nn.Module) -> bool:
     """nn.Linear, transformers' Conv1D, or a bitsandbytes quantized linear."""
     if isinstance(module, nn.Linear):  # bnb Linear4bit / Linear8bitLt subclass nn.Linear

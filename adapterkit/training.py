@@ -1,7 +1,7 @@
 """train(): fine-tune the active adapter with transformers' Trainer.
 
 Built on Trainer so that ``torchrun`` / ``accelerate launch`` (DDP, FSDP, DeepSpeed) scale the
-same call out. adapterkit adds: tokenization for its three data shapes, dynamic padding with
+same call out. adapterkit adds: tokenization for its data shapes, dynamic padding with
 length-grouped batches (padding is wasted compute), per-strategy defaults, adapter-only
 checkpoints that resume, the 4-bit CPU fix, and metrics recorded in the adapter's sidecar.
 
@@ -10,7 +10,9 @@ Data shapes (a ``datasets.Dataset`` or a list of dicts):
 - ``text`` + ``label``: sequence classification;
 - ``prompt`` + ``completion``: causal LM, loss on the completion only (instruction tuning,
   few-shot label words);
-- ``text`` alone: causal LM on the whole text.
+- ``text`` alone: causal LM on the whole text;
+- ``prompt`` + ``completion`` on an encoder-decoder (T5, BART): the encoder reads the prompt,
+  the decoder learns the completion + EOS (teacher forcing on the labels shifted right).
 """
 
 from __future__ import annotations
@@ -55,6 +57,8 @@ class TrainSettings:
         gradient_accumulation_steps: optimizer step every N batches.
         max_length: tokens per example after truncation; None is 128, or the model's position
             limit (``max_position_embeddings``) when that is lower. Above the limit is an error.
+        max_target_length: encoder-decoder models only: tokens per completion (its EOS included);
+            None is max_length. ``max_length`` then budgets the prompt, the encoder's input.
         length_policy: ``"truncate"`` cuts longer texts (with a warning), ``"error"`` refuses them.
         warmup_ratio: linear warmup as a fraction of the steps.
         weight_decay: AdamW weight decay.
@@ -81,6 +85,7 @@ class TrainSettings:
     eval_batch_size: int = 64
     gradient_accumulation_steps: int = 1
     max_length: int | None = None
+    max_target_length: int | None = None
     length_policy: str = "truncate"
     warmup_ratio: float = 0.06
     weight_decay: float = 0.01
@@ -139,6 +144,8 @@ class TrainSettings:
             elif position_limit is not None and self.max_length > position_limit:
                 bad("max_length", f"at most the model's position limit of {position_limit} tokens "
                     "(its config's max_position_embeddings)")
+        if self.max_target_length is not None and not (whole(self.max_target_length) and self.max_target_length > 0):
+            bad("max_target_length", "a positive int (or None for max_length)")
         if self.length_policy not in LENGTH_POLICIES:
             bad("length_policy", " or ".join(repr(p) for p in LENGTH_POLICIES))
         if not (number(self.warmup_ratio) and 0 <= self.warmup_ratio < 1):
@@ -216,6 +223,13 @@ def _shape(ds, task: str, what: str) -> str:
                 f"(has {sorted(cols)}). adapterkit.data.prepare_classification renames and checks them."
             )
         return "classification"
+    if task == "seq2seq":
+        if {"prompt", "completion"} <= cols:
+            return "seq2seq"
+        raise DataError(
+            f"{what} for a seq2seq model needs 'prompt' (the encoder's input) and 'completion' (the target the "
+            f"decoder learns) columns (has {sorted(cols)}); a 'text' column alone gives no target."
+        )
     if {"prompt", "completion"} <= cols:
         return "completion"
     if "text" in cols:
@@ -286,8 +300,9 @@ def check_data(train_ds, eval_ds, *, task: str, num_labels: int | None) -> None:
     for ds, what in ((train_ds, "train_data"), (eval_ds, "eval_data")):
         if ds is None:
             continue
-        if train_shape == "completion":
-            _check_texts(ds, "prompt", what, allow_empty=True)
+        if train_shape in ("completion", "seq2seq"):
+            # A causal LM may continue from nothing; an encoder needs something to read.
+            _check_texts(ds, "prompt", what, allow_empty=train_shape == "completion")
             _check_texts(ds, "completion", what)
         else:
             _check_texts(ds, "text", what)
@@ -311,10 +326,72 @@ def check_data(train_ds, eval_ds, *, task: str, num_labels: int | None) -> None:
             )
 
 
-def tokenize(ds, tokenizer, *, task: str, max_length: int, num_labels: int | None = None, what: str = "data"):
-    """Tokenize one of the three data shapes; labels are checked before any training."""
+def _target_ids(tokenizer, completions: list[str]) -> list[list[int]]:
+    """Token ids of seq2seq targets, each ending in EOS (T5's tokenizer appends it, others may not)."""
+    eos = tokenizer.eos_token_id
+    targets = tokenizer(text_target=completions, add_special_tokens=True)["input_ids"]
+    if eos is None:
+        return [list(ids) for ids in targets]
+    return [list(ids) if ids and ids[-1] == eos else [*ids, eos] for ids in targets]
+
+
+def _fit_target(ids: list[int], max_target_length: int, eos: int | None) -> list[int]:
+    if len(ids) <= max_target_length:
+        return ids
+    # Keep the EOS, as transformers' truncation does for T5: the decoder still learns to stop.
+    return ids[: max_target_length - 1] + [eos] if eos is not None else ids[:max_target_length]
+
+
+def check_seq2seq_lengths(ds, tokenizer, max_length: int, max_target_length: int, *, policy: str, what: str) -> None:
+    """Count prompts over ``max_length`` and targets over ``max_target_length``: warn, or refuse under "error"."""
+    from adapterkit.data import option_hint  # imports `datasets`: only when training
+
+    rows = ds.with_format(None)
+    prompts = tokenizer(rows["prompt"][:], verbose=False)["input_ids"]
+    sides = (
+        ("prompt", "max_length", max_length, [len(ids) for ids in prompts], ""),
+        ("completion", "max_target_length", max_target_length,
+         [len(ids) for ids in _target_ids(tokenizer, rows["completion"][:])], ", its EOS included"),
+    )
+    for column, option, limit, lengths, note in sides:
+        too_long = sum(n > limit for n in lengths)
+        if not too_long:
+            continue
+        said = (f"{too_long} of {len(lengths)} rows of {what} have a {column!r} longer than {option}={limit} tokens "
+                f"(longest: {max(lengths)}{note})")
+        if policy == "error":
+            raise DataError(f"{said}. Raise {option_hint(option)}, shorten those texts, or pass "
+                            f"{option_hint('length_policy', 'truncate')} to cut them.")
+        logger.warning("%s; they are cut to %d tokens.", said, limit)
+
+
+def tokenize(
+    ds,
+    tokenizer,
+    *,
+    task: str,
+    max_length: int,
+    num_labels: int | None = None,
+    what: str = "data",
+    max_target_length: int | None = None,
+):
+    """Tokenize one of the data shapes; labels are checked before any training.
+
+    For seq2seq rows ``input_ids`` is the prompt (at most ``max_length`` tokens) and ``labels``
+    the completion + EOS (at most ``max_target_length``, default ``max_length``); the collator
+    derives the decoder's inputs from the labels.
+    """
     shape = _shape(ds, task, what)
-    if shape == "classification":
+    if shape == "seq2seq":
+        target_limit = max_target_length or max_length
+        eos = tokenizer.eos_token_id
+
+        def encode(batch):
+            enc = tokenizer(batch["prompt"], truncation=True, max_length=max_length)
+            enc["labels"] = [_fit_target(ids, target_limit, eos) for ids in _target_ids(tokenizer, batch["completion"])]
+            return enc
+
+    elif shape == "classification":
         _check_labels(ds, what, num_labels)
         pairs = "text_pair" in ds.column_names
 
@@ -387,6 +464,20 @@ class _Collator:
         return out
 
 
+def _seq2seq_collator(tokenizer, model: nn.Module):
+    """transformers' seq2seq collator: labels pad with -100, decoder inputs are the labels shifted right."""
+    import copy
+
+    from transformers import DataCollatorForSeq2Seq
+
+    if getattr(tokenizer, "padding_side", "right") != "right":
+        # The collator pads labels on the tokenizer's side; left-padded labels would put pads
+        # between the decoder's start token and the target. The caller's tokenizer stays as it is.
+        tokenizer = copy.copy(tokenizer)
+        tokenizer.padding_side = "right"
+    return DataCollatorForSeq2Seq(tokenizer, model=model, label_pad_token_id=-100)
+
+
 # --- trainer -------------------------------------------------------------------------
 def _last_evaluation():
     """A TrainerCallback that remembers Trainer's latest evaluation and the step it ran at."""
@@ -449,7 +540,8 @@ def train(
         model: a model with an adapter attached or loaded.
         tokenizer: its tokenizer.
         train_data: rows of ``text``+``label`` (classification), ``prompt``+``completion`` or
-            ``text`` (causal LM).
+            ``text`` (causal LM), ``prompt``+``completion`` (seq2seq: the prompt is the encoder's
+            input, the completion the decoder's target).
         eval_data: the same shape, evaluated each epoch and at the end.
         name: the adapter to train (default: the active one).
         recipe: settings to record in the adapter's sidecar.
@@ -505,16 +597,23 @@ def train(
     eval_ds = _as_dataset(eval_data, "eval_data")
     check_data(train_ds, eval_ds, task=task, num_labels=num_labels)
     shape = _shape(train_ds, task, "train_data")
-    if shape != "completion":  # prompt + completion rows are cut from the left on purpose
+    if shape == "seq2seq":
+        cfg.max_target_length = cfg.max_target_length or cfg.max_length
+        for ds, what in ((train_ds, "train_data"), (eval_ds, "eval_data")):
+            if ds is not None:
+                check_seq2seq_lengths(ds, tokenizer, cfg.max_length, cfg.max_target_length, policy=cfg.length_policy,
+                                      what=what)
+    elif shape != "completion":  # prompt + completion rows are cut from the left on purpose
         for ds in (train_ds, eval_ds):
             if ds is not None:
                 check_lengths(ds.with_format(None)["text"][:], tokenizer, cfg.max_length, policy=cfg.length_policy,
                               option="length_policy")
     activate(base, name)
     transformers.set_seed(cfg.seed)
-    train_tok = tokenize(train_ds, tokenizer, task=task, max_length=cfg.max_length, num_labels=num_labels, what="train_data")
+    lengths = dict(max_length=cfg.max_length, max_target_length=cfg.max_target_length)
+    train_tok = tokenize(train_ds, tokenizer, task=task, num_labels=num_labels, what="train_data", **lengths)
     eval_tok = (
-        tokenize(eval_ds, tokenizer, task=task, max_length=cfg.max_length, num_labels=num_labels, what="eval_data")
+        tokenize(eval_ds, tokenizer, task=task, num_labels=num_labels, what="eval_data", **lengths)
         if eval_ds is not None
         else None
     )
@@ -565,7 +664,7 @@ def train(
         args=args,
         train_dataset=train_tok,
         eval_dataset=eval_tok if has_eval else None,
-        data_collator=_Collator(tokenizer),
+        data_collator=_seq2seq_collator(tokenizer, base) if shape == "seq2seq" else _Collator(tokenizer),
         processing_class=tokenizer,
         compute_metrics=compute_metrics if task == "classification" else None,
         callbacks=[*(callbacks or []), last_eval],
@@ -576,6 +675,11 @@ def train(
         name, record.strategy, sum(p.numel() for p in params.values()), lr, cfg.num_epochs,
     )
     use_cache = cfg.cache_features
+    if use_cache and not _strategy(record.strategy).backbone_frozen(base, name):
+        raise InvalidOptionError(
+            f"cache_features=True runs the backbone once and trains only the head, but adapter '{name}' "
+            f"({record.strategy}) trains backbone layers too. Leave cache_features unset (automatic) or False."
+        )
     if use_cache is None:
         use_cache = task == "classification" and _strategy(record.strategy).backbone_frozen(base, name)
     cache_seconds = 0.0

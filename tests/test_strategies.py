@@ -10,7 +10,7 @@ from adapterkit.testing import check_strategy
 from tests.tiny import TINY, make_batch
 
 # Pairs a strategy does not support; they must be refused with IncompatibleModelError.
-UNSUPPORTED = {("prefix", "t5")}
+UNSUPPORTED: set[tuple[str, str]] = set()
 OPTIONS = {"lora": {"r": 4}, "prefix": {"num_virtual_tokens": 4}, "head": {}, "full": {}}
 LR = {"full": 1e-3}
 
