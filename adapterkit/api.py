@@ -230,10 +230,18 @@ def detach(model: nn.Module, name: str) -> nn.Module:
     record = store.record(name)
     impl = _strategy(record.strategy)
     with store.lock:
-        if store.active == name:
+        was_active = store.active == name
+        if was_active:
             activate(base, None)
         store.install_heads(base, None)  # strategies remove their layers from the base's own modules
-        impl.detach(base, name)
+        try:
+            impl.detach(base, name)
+        except BaseException:
+            # A strategy that cannot detach (it changed the base) refuses: put everything back.
+            if was_active:
+                activate(base, name)
+            store.install_heads(base, store.active)
+            raise
         store.heads.pop(name, None)
         del store.records[name]
         if not store.records:

@@ -21,6 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from adapterkit.compat.bnb import int8_scales, values_4bit
+from adapterkit.compat.torch import tensor_version
 from adapterkit.state import get_store
 from adapterkit.targets import STORE_NAME, head_paths
 
@@ -48,8 +50,8 @@ def _base_entries(model: nn.Module) -> list[tuple[str, torch.Tensor, nn.Module |
     out = []
     seen: set[int] = set()
     for module_name, module in _base_modules(model):
-        for pname, p in module._parameters.items():
-            if p is None or id(p) in seen:
+        for pname, p in module.named_parameters(recurse=False, remove_duplicate=False):
+            if id(p) in seen:
                 continue
             seen.add(id(p))
             name = f"{module_name}.{pname}" if module_name else pname
@@ -73,9 +75,8 @@ def _base_modules(model: nn.Module):
             return
         seen.add(id(module))
         yield prefix, module
-        for name, child in module._modules.items():
-            if child is not None:
-                yield from walk(f"{prefix}.{name}" if prefix else name, child, seen)
+        for name, child in module.named_children():
+            yield from walk(f"{prefix}.{name}" if prefix else name, child, seen)
 
     yield from walk("", model, set())
 
@@ -96,7 +97,7 @@ def weights_version(model: nn.Module, entries: list | None = None) -> tuple:
     """
     key = []
     for name, p, _ in entries if entries is not None else _base_entries(model):
-        key.append((name, id(p), p.data_ptr() if p.device.type != "meta" else 0, p._version))
+        key.append((name, id(p), p.data_ptr() if p.device.type != "meta" else 0, tensor_version(p)))
     for module_name, module in model.named_modules():
         merged = getattr(module, "merged_adapters", None)
         if merged:
@@ -130,43 +131,15 @@ def _take(tensor: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return tensor.reshape(-1).index_select(0, idx.to(tensor.device))
 
 
-def _values_4bit(p: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """Dequantized values of a bitsandbytes 4-bit weight at flat (out, in) indices, reading only those."""
-    state = p.quant_state
-    data = p.data.view(torch.uint8)
-    code = state.code.float()
-    if getattr(state, "packing_format_for_cpu", False):
-        # The layout `bitsandbytes.functional._convert_weight_packed_for_cpu` writes after a
-        # first CPU inference: [N, K/2] bytes interleaved in blocks of 32 rows, absmax [K/bs, N].
-        rows, cols = int(state.shape[0]), int(state.shape[1])
-        n, k = idx // cols, idx % cols
-        f = (((n // 32) * (cols // 2) + k // 2) * 32 + n % 32) * 2 + k % 2
-        chunk, j = f // 64, f % 64
-        byte = _take(data, chunk * 32 + j % 32).to(torch.int64)
-        nibble = torch.where(j < 32, byte & 0xF, byte >> 4)
-        absmax = _take(state.absmax, (k // state.blocksize) * rows + n).float()
-        return _take(code, nibble) * absmax
-    byte = _take(data, idx // 2).to(torch.int64)
-    nibble = torch.where(idx % 2 == 0, byte >> 4, byte & 0xF)
-    block = idx // state.blocksize
-    if state.nested:
-        inner = state.state2
-        absmax = _take(inner.code, _take(state.absmax, block).to(torch.int64)).float()
-        absmax = absmax * _take(inner.absmax, block // inner.blocksize).float()
-        absmax = absmax + state.offset.float()
-    else:
-        absmax = _take(state.absmax, block).float()
-    return _take(code, nibble) * absmax
+# The name tests/test_fingerprint.py imports; the function lives in adapterkit.compat.bnb.
 
 
 def _linear_values(p: torch.Tensor, module: nn.Module, idx: torch.Tensor) -> torch.Tensor:
     """Values of a linear weight at flat indices of its (out, in) matrix, as float32 (NaN: unreadable)."""
     if getattr(p, "quant_state", None) is not None:
-        return _values_4bit(p, idx)
+        return values_4bit(p, idx)
     if p.dtype == torch.int8:
-        scb = getattr(p, "SCB", None)
-        if scb is None:
-            scb = getattr(getattr(module, "state", None), "SCB", None)
+        scb = int8_scales(p, module)
         if scb is None:
             return torch.full((idx.numel(),), float("nan"))
         return _take(p.data, idx).float() * _take(scb, idx // p.shape[1]).float() / 127.0

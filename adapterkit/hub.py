@@ -29,6 +29,7 @@ from typing import Any, TypeVar
 import httpx2
 from torch import nn
 
+from adapterkit.compat.huggingface_hub import client_factory
 from adapterkit.errors import AdapterFormatError, AdapterKitError, AdapterNotFoundError, HubError, InvalidOptionError
 
 logger = logging.getLogger(__name__)
@@ -209,12 +210,12 @@ def _bounded(timeout: float) -> Iterator[_Scope]:
     whatever factory was set before, and the previous factory is restored when the last block
     ends. While a block runs, requests of other code in the process are bounded too.
     """
-    from huggingface_hub.utils import _http, set_client_factory
+    from huggingface_hub.utils import set_client_factory
 
     scope = _Scope(timeout)
     with _INSTALL_LOCK:
         if not _SCOPES:
-            previous = getattr(_http, "_GLOBAL_CLIENT_FACTORY", _http.default_client_factory)
+            previous = client_factory()
             _installed["previous"], _installed["ours"] = previous, _hooked_factory(previous)
             set_client_factory(_installed["ours"])
         _SCOPES.append(scope)
@@ -226,7 +227,7 @@ def _bounded(timeout: float) -> Iterator[_Scope]:
         with _INSTALL_LOCK:
             _SCOPES.remove(scope)
             # Someone may have set their own factory meanwhile: leave theirs alone.
-            if not _SCOPES and getattr(_http, "_GLOBAL_CLIENT_FACTORY", None) is _installed.get("ours"):
+            if not _SCOPES and client_factory() is _installed.get("ours"):
                 set_client_factory(_installed["previous"])
             if not _SCOPES:
                 _installed.clear()

@@ -14,6 +14,8 @@ import logging
 import torch
 from torch import nn
 
+from adapterkit.compat import bnb as bnb_compat
+
 logger = logging.getLogger(__name__)
 
 
@@ -69,16 +71,9 @@ def keep_4bit_trainable(model: nn.Module) -> int:
     """
     unpacked = 0
     for module in model.modules():
-        if type(module).__name__ != "Linear4bit" or not hasattr(module, "support_avx512bf16_for_cpu"):
+        if type(module).__name__ != "Linear4bit" or not bnb_compat.disable_cpu_repacking(module):
             continue
-        module.support_avx512bf16_for_cpu = False
-        state = getattr(module.weight, "quant_state", None)
-        if state is not None and getattr(state, "packing_format_for_cpu", False):
-            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
-
-            module.weight.data, module.weight.quant_state = _convert_weight_packed_for_cpu_inverse(
-                module.weight.data, state
-            )
+        if bnb_compat.unpack_cpu_weight(module):
             unpacked += 1
     if unpacked:
         logger.info("Unpacked %d 4-bit layers from bitsandbytes' CPU inference format so they train.", unpacked)
@@ -94,8 +89,7 @@ def dequantize_linear(module: nn.Module) -> nn.Linear:
         keep_4bit_trainable(module)
         dense = F.dequantize_4bit(weight.data, weight.quant_state)
     else:
-        state = getattr(module, "state", None)
-        scb = getattr(weight, "SCB", None) if getattr(weight, "SCB", None) is not None else getattr(state, "SCB", None)
+        scb = bnb_compat.int8_scales(weight, module)
         dense = weight.data.float() * scb.float().unsqueeze(1) / 127.0
     bias = module.bias
     out = nn.Linear(dense.shape[1], dense.shape[0], bias=bias is not None, device=dense.device)
@@ -147,9 +141,9 @@ def own_unquantized_weights(model: nn.Module) -> int:
     seen: set[int] = set()
     with torch.no_grad():
         for module in model.modules():
-            for tensors in (module._parameters, module._buffers):
-                for tensor in tensors.values():
-                    if tensor is None or id(tensor) in seen or not tensor.is_floating_point():
+            for tensors in (module.parameters(recurse=False), module.buffers(recurse=False)):
+                for tensor in tensors:
+                    if id(tensor) in seen or not tensor.is_floating_point():
                         continue
                     if type(tensor).__name__ in ("Params4bit", "Int8Params"):
                         continue

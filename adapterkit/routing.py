@@ -33,6 +33,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from adapterkit.compat.peft import ACTIVE_ADAPTER_ATTR
+
 _KEYS = itertools.count(1)
 _NO_ROUTES: types.MappingProxyType = types.MappingProxyType({})
 _ROUTES: contextvars.ContextVar[types.MappingProxyType] = contextvars.ContextVar("adapterkit_routes", default=_NO_ROUTES)
@@ -92,7 +94,7 @@ class _ActiveAdapter:
     def __get__(self, layer: nn.Module | None, owner: type) -> Any:
         if layer is None:
             return self
-        own = layer.__dict__.get("_active_adapter", [])
+        own = layer.__dict__.get(ACTIVE_ADAPTER_ATTR, [])
         routes = _ROUTES.get()
         if not routes:
             return own
@@ -104,7 +106,7 @@ class _ActiveAdapter:
         return [route.name] if route.name is not None else []
 
     def __set__(self, layer: nn.Module, value: Any) -> None:
-        layer.__dict__["_active_adapter"] = value
+        layer.__dict__[ACTIVE_ADAPTER_ATTR] = value
 
 
 _ROUTED_CLASSES: dict[tuple[str, type], type] = {}
@@ -121,7 +123,7 @@ def _lora_namespace(cls: type) -> dict[str, Any]:
             return cls.forward(self, x, *args, **kwargs)
         return self.__dict__[ROWS_ATTR](self, cls, route, x, *args, **kwargs)
 
-    return {"_active_adapter": _ActiveAdapter(), "forward": forward}
+    return {ACTIVE_ADAPTER_ATTR: _ActiveAdapter(), "forward": forward}
 
 
 def _head_namespace(cls: type) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from adapterkit.compat.torch import compiled_inner
 from adapterkit.config import AdapterConfig
 from adapterkit.errors import AdapterNotFoundError, did_you_mean
 from adapterkit.quantized import trainable_copy
@@ -210,7 +211,7 @@ def require_store(model: nn.Module) -> AdapterStore:
 def unwrap(model: nn.Module) -> nn.Module:
     """The transformers model under DDP/FSDP/compile wrappers."""
     while True:
-        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        inner = getattr(model, "module", None) or compiled_inner(model)
         if isinstance(inner, nn.Module) and inner is not model:
             model = inner
         else:

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from adapterkit.compat import transformers as transformers_compat
 from adapterkit.errors import DataError, InvalidOptionError, did_you_mean
 
 logger = logging.getLogger(__name__)
@@ -494,31 +495,27 @@ def _last_evaluation():
     return LastEvaluation()
 
 
-def _trainer_class():
-    from transformers import Trainer
+def _save_checkpoint(trainer: Any, output_dir: str) -> None:
+    from adapterkit.artifacts import save
 
-    class AdapterTrainer(Trainer):
+    os.makedirs(output_dir, exist_ok=True)
+    save(trainer.model, Path(output_dir) / "adapter", name=trainer.adapter_name)
+
+
+def _load_checkpoint(trainer: Any, checkpoint: str, model: nn.Module) -> None:
+    from adapterkit.artifacts import restore_weights
+
+    folder = Path(checkpoint) / "adapter"
+    if not folder.is_dir():
+        raise DataError(f"{checkpoint} is not an adapterkit checkpoint (no adapter/ folder).")
+    restore_weights(model, trainer.adapter_name, folder)
+
+
+def _trainer_class():
+    class AdapterTrainer(transformers_compat.checkpoint_trainer_class(_save_checkpoint, _load_checkpoint)):
         """Trainer whose checkpoints hold the adapter only, and resume from it."""
 
         adapter_name: str = "default"
-
-        def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-            from adapterkit.artifacts import save
-
-            output_dir = output_dir or self.args.output_dir
-            os.makedirs(output_dir, exist_ok=True)
-            save(self.model, Path(output_dir) / "adapter", name=self.adapter_name)
-
-        def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
-            from adapterkit.artifacts import restore_weights
-
-            folder = Path(resume_from_checkpoint) / "adapter"
-            if not folder.is_dir():
-                raise DataError(f"{resume_from_checkpoint} is not an adapterkit checkpoint (no adapter/ folder).")
-            restore_weights(model or self.model, self.adapter_name, folder)
-
-        def _load_best_model(self) -> None:
-            self._load_from_checkpoint(self.state.best_model_checkpoint)
 
     return AdapterTrainer
 
@@ -653,10 +650,10 @@ def train(
         remove_unused_columns=False,
         dataloader_num_workers=0,
     )
-    if quantization_of(base) and not base.__dict__.get("_hf_peft_config_loaded"):
+    if quantization_of(base) and not transformers_compat.is_marked_peft_loaded(base):
         # Trainer refuses a quantized model unless it knows adapters are attached; they are,
         # injected in place rather than through a PeftModel wrapper. Unset after training.
-        base._hf_peft_config_loaded = True
+        transformers_compat.mark_peft_loaded(base)
     trainer_cls = _trainer_class()
     last_eval = _last_evaluation()
     trainer = trainer_cls(
@@ -702,7 +699,7 @@ def train(
             evaluated = last_eval.metrics
         else:
             evaluated = trainer.evaluate(eval_tok)
-    base.__dict__.pop("_hf_peft_config_loaded", None)
+    transformers_compat.unmark_peft_loaded(base)
     metrics: dict[str, float] = {
         "train_loss": float(result.training_loss),
         "train_runtime": float(result.metrics.get("train_runtime", 0.0)),

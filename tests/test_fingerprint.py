@@ -356,7 +356,7 @@ def test_quantized_loads_of_other_checkpoints_are_refused(wide_dirs, wide_finger
 def test_4bit_samples_equal_bitsandbytes_dequantization(wide_dirs, quant_type, double_quant):
     import bitsandbytes.functional as F
 
-    from adapterkit.fingerprint import _values_4bit
+    from adapterkit.compat.bnb import values_4bit as _values_4bit
 
     model, _ = ak.load_base(wide_dirs["llama"], bits=4, quant_type=quant_type, double_quant=double_quant)
     weight = model.get_parameter("model.layers.0.mlp.down_proj.weight")

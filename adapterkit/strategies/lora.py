@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from adapterkit import routing
+from adapterkit.compat import peft as peft_compat
 from adapterkit.config import AdapterConfig
 from adapterkit.errors import IncompatibleModelError
 from adapterkit.registry import register_strategy
@@ -265,16 +266,13 @@ class LoraStrategy(Strategy):
         store.extra.setdefault("lora_peft_config", {})[name] = peft_cfg
         store.extra["lora_layers"] = _lora_layers(model)
         for _, layer in store.extra["lora_layers"]:
-            layer._disable_adapters = False
+            peft_compat.enable_adapter_layer(layer)
             routing.route_lora_layer(layer, store, per_row_forward)
 
     def activate(self, model: nn.Module, name: str | None) -> None:
-        # Writing the layer attribute directly avoids peft's set_adapter, which also walks
-        # every adapter to flip requires_grad and gets slower with each adapter loaded, and
-        # nn.Module.__setattr__, whose type checks cost more than the switch itself.
+        # Not peft's set_adapter: it also flips requires_grad and slows with each adapter loaded.
         active = [name] if name is not None else []
-        for _, layer in get_store(model).extra.get("lora_layers", []):
-            layer.__dict__["_active_adapter"] = active
+        peft_compat.set_active_adapters(get_store(model).extra.get("lora_layers", []), active)
 
     def detach(self, model: nn.Module, name: str) -> None:
         store = get_store(model)

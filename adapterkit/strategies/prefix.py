@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from adapterkit import routing
+from adapterkit.compat import transformers as transformers_compat
 from adapterkit.config import AdapterConfig
 from adapterkit.errors import AdapterMismatchError, IncompatibleModelError
 from adapterkit.registry import register_strategy
@@ -145,7 +146,7 @@ def _attention_modules(stack: nn.Module) -> list[tuple[nn.Module, str, str]]:
 def _seq2seq_geometry(model: nn.Module) -> _Geometry:
     config = model.config
     what = type(model).__name__
-    if getattr(config, "_attn_implementation", None) == "flex_attention":
+    if transformers_compat.attn_implementation(config) == "flex_attention":
         raise IncompatibleModelError(
             f"The 'prefix' strategy cannot widen flex_attention's block masks of {what} to cover the prefix. "
             "Load the model with attn_implementation='sdpa' or 'eager', or use 'lora'."

@@ -12,7 +12,7 @@ import dataclasses
 from torch import nn
 
 import adapterkit as ak
-from adapterkit.targets import STORE_NAME, head_paths
+from adapterkit.targets import STORE_NAME, head_paths, label_head_paths
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -39,5 +39,5 @@ class BitFitStrategy(ak.Strategy):
         raise ak.IncompatibleModelError("BitFit changed the base's biases; reload the base instead.")
 
     def parameters(self, model: nn.Module, name: str) -> dict[str, nn.Parameter]:
-        heads = tuple(head_paths(model)) + (STORE_NAME,)
+        heads = (*head_paths(model), *label_head_paths(model), STORE_NAME)
         return {k: p for k, p in model.named_parameters() if k.endswith("bias") and not k.startswith(heads)}
