@@ -242,19 +242,20 @@ def detach(model: nn.Module, name: str) -> nn.Module:
                 activate(base, name)
             store.install_heads(base, store.active)
             raise
-        store.heads.pop(name, None)
-        del store.records[name]
-        if not store.records:
-            _drop_store(base, store)
-        else:
+        _forget(base, store, name)
+        if store.records:
             store.install_heads(base, store.active)
     return model
 
 
-def _drop_store(base: nn.Module, store) -> None:
-    store.install_heads(base, None)
-    store.release_heads()
-    del base.__dict__["_adapterkit"]
+def _forget(base: nn.Module, store, name: str) -> None:
+    """Drop adapter ``name``'s record and head copies; the store goes with the last adapter."""
+    store.heads.pop(name, None)
+    del store.records[name]
+    if not store.records:
+        store.install_heads(base, None)
+        store.release_heads()
+        del base.__dict__["_adapterkit"]
 
 
 def _discard(model: nn.Module, name: str, previous: str | None) -> None:
@@ -271,10 +272,7 @@ def _discard(model: nn.Module, name: str, previous: str | None) -> None:
     if impl.shares_base:
         detach(base, name)
     else:
-        store.heads.pop(name, None)
-        del store.records[name]
-        if not store.records:
-            _drop_store(base, store)
+        _forget(base, store, name)
     store = get_store(base)
     if store is not None:
         activate(base, previous if previous in store.records else None)
@@ -427,13 +425,20 @@ def load(
     folder = Path(text).expanduser()
     if not folder.is_dir():
         recover(folder)  # a save killed between its renames may have left the adapter beside its path
-    if not folder.is_dir():
+    downloaded = not folder.is_dir()
+    if downloaded:
         if folder.exists() or isinstance(source, os.PathLike) or text.startswith((".", "/", "~")) or text.count("/") > 1:
             raise AdapterNotFoundError(f"{text} is not a folder with a saved adapter, nor a Hub repo id.")
         from adapterkit.hub import download
 
-        folder = download(text, revision=revision, token=token, timeout=timeout)
+        folder = download(text, revision=revision, token=token, timeout=timeout)  # checked against the manifest
     load_folder(
-        unwrap(model), folder, name=name, ignore_mismatch=ignore_mismatch, source=text, allow_nonfinite=allow_nonfinite
+        unwrap(model),
+        folder,
+        name=name,
+        ignore_mismatch=ignore_mismatch,
+        source=text,
+        allow_nonfinite=allow_nonfinite,
+        manifest_checked=downloaded,
     )
     return model

@@ -809,8 +809,12 @@ def load_folder(
     ignore_mismatch: bool = False,
     source: str | None = None,
     allow_nonfinite: bool = False,
+    manifest_checked: bool = False,
 ) -> str:
     """Load the adapter in ``folder`` onto ``model``, all or nothing; returns the adapter's name.
+
+    ``manifest_checked``: the caller has just verified the files against the manifest (a Hub
+    download does), so their bytes are not hashed a second time.
 
     Everything is checked before any weight is copied: the sidecar's fields, the files'
     bytes against its manifest, symlinks, each tensor's dtype, values, shape and presence,
@@ -836,7 +840,7 @@ def load_folder(
     _refuse_outside_links(folder)
     _refuse_pickle(folder)
     sidecar = read_sidecar(folder)
-    if sidecar is not None:
+    if sidecar is not None and not manifest_checked:
         _verified_manifest(folder, sidecar, enforce_card=False)
     impl, config = _identify(folder, sidecar)
     weight_path = next((folder / f for f in WEIGHT_FILES if (folder / f).is_file()), None)

@@ -33,6 +33,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from adapterkit.errors import IncompatibleModelError
+
 from adapterkit.compat.peft import ACTIVE_ADAPTER_ATTR
 
 _KEYS = itertools.count(1)
@@ -52,8 +54,16 @@ class Route:
 
     name: str | None = None
     rows: tuple[str | None, ...] | None = None
-    #: per-layer plans a per-row forward prepared once for this route (see adapterkit.runtime)
+    #: per-layer plans a per-row forward prepared once for this route (see strategies/lora.py)
     plans: dict = dataclasses.field(default_factory=dict, repr=False)
+
+    def check_rows(self, batch: int, where: str = "") -> None:
+        """Refuse a batch whose row count is not the number of adapters this route names."""
+        if batch != len(self.rows):
+            raise IncompatibleModelError(
+                f"The mixed batch names {len(self.rows)} adapters but the batch has {batch} rows{where}. Pass one "
+                "adapter name per row (generate with num_beams or num_return_sequences > 1 multiplies rows)."
+            )
 
 
 def new_key() -> int:
@@ -210,15 +220,9 @@ def unroute(module: nn.Module) -> None:
 
 
 def _per_row_head(route: Route, heads: Callable, path: str, args: tuple, kwargs: dict):
-    from adapterkit.errors import IncompatibleModelError
-
     x, rest = args[0], args[1:]
     rows = route.rows
-    if x.shape[0] != len(rows):
-        raise IncompatibleModelError(
-            f"The mixed batch names {len(rows)} adapters but the batch has {x.shape[0]} rows at '{path}'. "
-            "Pass one adapter name per row (generate with num_beams or num_return_sequences > 1 multiplies rows)."
-        )
+    route.check_rows(x.shape[0], f" at '{path}'")
     groups: dict[int, tuple[nn.Module, list[int]]] = {}
     for i, name in enumerate(rows):
         head = heads(name, path)

@@ -184,7 +184,9 @@ def _row_plan(layer: nn.Module, rows: tuple[str | None, ...]):
         # Rows without an adapter on this layer get a zero update.
         "zero_a": lora_a[present[0]].weight.new_zeros(lora_a[present[0]].weight.shape),
         "zero_b": lora_b[present[0]].weight.new_zeros(lora_b[present[0]].weight.shape),
-        "scales": [float(layer.scaling[n]) if n in lora_a else 0.0 for n in rows],
+        "scale": lora_a[present[0]].weight.new_tensor([float(layer.scaling[n]) if n in lora_a else 0.0 for n in rows]).view(
+            -1, 1, 1
+        ),
     }
 
 
@@ -195,26 +197,22 @@ def per_row_forward(layer: nn.Module, cls: type, route: routing.Route, x: torch.
     if key not in route.plans:
         route.plans[key] = _row_plan(layer, rows)
     plan = route.plans[key]
-    peft_names = _peft_names(rows)
-    if x.dim() >= 2 and x.shape[0] != len(rows):
-        raise IncompatibleModelError(
-            f"The mixed batch names {len(rows)} adapters but the batch has {x.shape[0]} rows. Pass one adapter "
-            "name per row (generate with num_beams or num_return_sequences > 1 multiplies rows)."
-        )
-    if plan is None or x.dim() != 3:
-        return cls.forward(layer, x, *args, adapter_names=peft_names, **kwargs)
+    if x.dim() >= 2:
+        route.check_rows(x.shape[0])
+    if plan is None or x.dim() != 3 or (
+        layer.training
+        and any(getattr(layer.lora_dropout[n], "p", 0) > 0 for n in plan["present"] if n in layer.lora_dropout)
+    ):
+        return cls.forward(layer, x, *args, adapter_names=_peft_names(rows), **kwargs)
     present = plan["present"]
-    if layer.training and any(getattr(layer.lora_dropout[n], "p", 0) > 0 for n in present if n in layer.lora_dropout):
-        return cls.forward(layer, x, *args, adapter_names=peft_names, **kwargs)
     result = layer.get_base_layer()(x, *args, **kwargs)
     if not present:
         return result
     lora_a, lora_b = layer.lora_A, layer.lora_B
     a = torch.stack([lora_a[n].weight if n in lora_a else plan["zero_a"] for n in rows])
     b = torch.stack([lora_b[n].weight if n in lora_b else plan["zero_b"] for n in rows])
-    scale = torch.tensor(plan["scales"], dtype=a.dtype, device=a.device).view(-1, 1, 1)
     xa = torch.bmm(x.to(a.dtype), a.transpose(1, 2))
-    delta = torch.bmm(xa, b.transpose(1, 2)) * scale
+    delta = torch.bmm(xa, b.transpose(1, 2)) * plan["scale"]
     return result + delta.to(result.dtype)
 
 
