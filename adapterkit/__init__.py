@@ -11,6 +11,7 @@ Example:
 """
 
 from adapterkit import strategies as _strategies  # noqa: F401  (registers the built-ins)
+from adapterkit._version import __version__
 from adapterkit.api import (
     AdapterSummary,
     ModelSummary,
@@ -26,6 +27,8 @@ from adapterkit.api import (
 )
 from adapterkit.artifacts import save
 from adapterkit.base_model import load_base
+from adapterkit.evaluate import evaluate_classifier, evaluate_label_words
+from adapterkit.export import ExportReport, export
 from adapterkit.hub import publish
 from adapterkit.config import AdapterConfig
 from adapterkit.errors import (
@@ -43,11 +46,10 @@ from adapterkit.errors import (
     UnknownStrategyError,
 )
 from adapterkit.runtime import mixed_batch
-from adapterkit.training import TrainSettings, train
+from adapterkit.training import TrainSettings, register_task, train
 from adapterkit.registry import Registry, get_strategy, list_strategies, register_strategy
 from adapterkit.strategies import FullConfig, HeadConfig, LoraConfig, PrefixConfig, Strategy
 
-__version__ = "0.1.0"
 
 __all__ = [
     "AdapterConfig",
@@ -58,6 +60,7 @@ __all__ = [
     "AdapterNotFoundError",
     "AdapterSummary",
     "DataError",
+    "ExportReport",
     "FullConfig",
     "HeadConfig",
     "HubError",
@@ -74,6 +77,9 @@ __all__ = [
     "UnknownStrategyError",
     "attach",
     "detach",
+    "evaluate_classifier",
+    "evaluate_label_words",
+    "export",
     "get_active_adapter",
     "get_adapter_record",
     "get_strategy",
@@ -84,6 +90,7 @@ __all__ = [
     "mixed_batch",
     "publish",
     "register_strategy",
+    "register_task",
     "save",
     "summary",
     "trainable_parameters",

@@ -7,6 +7,7 @@ how it switches and what it saves.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import re
 from pathlib import Path
@@ -14,15 +15,26 @@ from typing import Any
 
 from torch import nn
 
-from adapterkit import routing
+from adapterkit import artifacts, heads, hub, routing
 from adapterkit.config import AdapterConfig
-from adapterkit.errors import AdapterExistsError, AdapterNotFoundError, IncompatibleModelError, InvalidOptionError
+from adapterkit.errors import (
+    AdapterExistsError,
+    AdapterKitError,
+    AdapterMismatchError,
+    AdapterNotFoundError,
+    IncompatibleModelError,
+    InvalidOptionError,
+)
 from adapterkit.fingerprint import fingerprint
+from adapterkit.model_info import label_names, task_of
 from adapterkit.quantized import keep_4bit_trainable, quantization_of
 from adapterkit.registry import default_registry
+from adapterkit.sources import resolve_source
 from adapterkit.state import AdapterRecord, freeze_all_but, get_store, require_store, unwrap
-from adapterkit.strategies.base import Strategy
+from adapterkit.strategy import Strategy
 from adapterkit.targets import label_head_paths, parameter_bytes
+
+logger = logging.getLogger(__name__)
 
 _ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_\-]*")
 
@@ -98,7 +110,7 @@ def attach_config(base: nn.Module, impl: Strategy, config: AdapterConfig, name: 
             "gradient updates. Use 'lora' (QLoRA on a 4-bit base), 'prefix' or 'head', or load the base without bits=."
         )
     impl.check_model(base, config)
-    record_meta = {"task": _task_of(base), "label_names": _label_names(base), "quantization": quantization}
+    record_meta = {"task": task_of(base), "label_names": label_names(base), "quantization": quantization}
     record_meta.update(meta or {})
     # Taken before training: a `full` adapter changes the very weights the fingerprint reads.
     if "base_fingerprint" not in record_meta:
@@ -106,14 +118,14 @@ def attach_config(base: nn.Module, impl: Strategy, config: AdapterConfig, name: 
     # Built on the base's own modules: with a head adapter that trains blocks as the default,
     # LoRA would otherwise wrap that adapter's copy of a block instead of the base's. Routed
     # forwards in other threads are unaffected; unrouted ones see the base until this returns.
-    store.install_heads(base, None)
+    heads.install(base, store, None)
     try:
         impl.attach(base, config, name)
     except BaseException:
-        store.install_heads(base, store.active)
+        heads.install(base, store, store.active)
         raise
     if impl.trains_label_head:
-        store.add_head_copies(base, name, label_head_paths(base))
+        heads.copy_heads(base, store, name, label_head_paths(base))
     store.records[name] = AdapterRecord(name=name, strategy=impl.name, config=config, meta=record_meta)
     activate(base, name)
     freeze_all_but(base, list(trainable_parameters(base, name).values()))
@@ -121,34 +133,15 @@ def attach_config(base: nn.Module, impl: Strategy, config: AdapterConfig, name: 
         keep_4bit_trainable(base)
 
 
-def _task_of(model: nn.Module) -> str:
-    cls = type(model).__name__
-    if cls.endswith("ForSequenceClassification"):
-        return "classification"
-    if getattr(model.config, "is_encoder_decoder", False):
-        return "seq2seq"
-    if cls.endswith(("ForCausalLM", "LMHeadModel")):
-        return "causal-lm"
-    return "feature-extraction"
-
-
-def _label_names(model: nn.Module) -> list[str] | None:
-    if _task_of(model) != "classification":
-        return None
-    id2label = getattr(model.config, "id2label", None) or {}
-    return [str(id2label[i]) for i in sorted(id2label, key=int)] if id2label else None
-
-
 def trainable_parameters(model: nn.Module, name: str) -> dict[str, nn.Parameter]:
     """Everything adapter ``name`` trains: the strategy's tensors and its own label head."""
     base = unwrap(model)
     store = require_store(base)
     record = store.record(name)
-    params = dict(_strategy(record.strategy).parameters(base, name))
-    if _strategy(record.strategy).trains_label_head:
-        for path, module in store.heads.get(name, {}).items():
-            for pname, p in module.named_parameters():
-                params[f"{path}.{pname}"] = p
+    impl = _strategy(record.strategy)
+    params = dict(impl.parameters(base, name))
+    if impl.trains_label_head:
+        params.update(heads.parameters(store, name))
     return params
 
 
@@ -164,7 +157,7 @@ def _apply_default(base: nn.Module, store, name: str | None) -> None:
     target = store.record(name).strategy if name is not None else None
     for strategy in {r.strategy for r in store.records.values()}:
         _strategy(strategy).activate(base, name if strategy == target else None)
-    store.install_heads(base, name)
+    heads.install(base, store, name)
     store.active = name
     labels = store.records[name].meta.get("label_names") if name is not None else None
     if labels and getattr(base.config, "id2label", None) != dict(enumerate(labels)):
@@ -233,18 +226,18 @@ def detach(model: nn.Module, name: str) -> nn.Module:
         was_active = store.active == name
         if was_active:
             activate(base, None)
-        store.install_heads(base, None)  # strategies remove their layers from the base's own modules
+        heads.install(base, store, None)  # strategies remove their layers from the base's own modules
         try:
             impl.detach(base, name)
         except BaseException:
             # A strategy that cannot detach (it changed the base) refuses: put everything back.
             if was_active:
                 activate(base, name)
-            store.install_heads(base, store.active)
+            heads.install(base, store, store.active)
             raise
         _forget(base, store, name)
         if store.records:
-            store.install_heads(base, store.active)
+            heads.install(base, store, store.active)
     return model
 
 
@@ -253,8 +246,8 @@ def _forget(base: nn.Module, store, name: str) -> None:
     store.heads.pop(name, None)
     del store.records[name]
     if not store.records:
-        store.install_heads(base, None)
-        store.release_heads()
+        heads.install(base, store, None)
+        heads.release(store)
         del base.__dict__["_adapterkit"]
 
 
@@ -417,28 +410,62 @@ def load(
     Returns:
         The same model, like :func:`attach`.
     """
-    from adapterkit.artifacts import load_folder, recover
-
     if not isinstance(source, (str, os.PathLike)):
         raise InvalidOptionError(f"source must be a folder path or a Hub repo id, got {type(source).__name__} {source!r:.60}.")
-    text = os.fspath(source)
-    folder = Path(text).expanduser()
-    if not folder.is_dir():
-        recover(folder)  # a save killed between its renames may have left the adapter beside its path
-    downloaded = not folder.is_dir()
-    if downloaded:
-        if folder.exists() or isinstance(source, os.PathLike) or text.startswith((".", "/", "~")) or text.count("/") > 1:
-            raise AdapterNotFoundError(f"{text} is not a folder with a saved adapter, nor a Hub repo id.")
-        from adapterkit.hub import download
-
-        folder = download(text, revision=revision, token=token, timeout=timeout)  # checked against the manifest
-    load_folder(
-        unwrap(model),
-        folder,
-        name=name,
-        ignore_mismatch=ignore_mismatch,
-        source=text,
-        allow_nonfinite=allow_nonfinite,
-        manifest_checked=downloaded,
-    )
+    where = os.fspath(source)
+    artifacts.recover(Path(where).expanduser())  # a save killed between its renames may have left it beside its path
+    found = resolve_source(source, what="adapter", error=AdapterNotFoundError)
+    if found.kind == "file":
+        raise AdapterNotFoundError(f"{where} is a file; pass the adapter folder that holds it.")
+    if found.kind == "folder":
+        saved = artifacts.read_folder(found.path, allow_nonfinite=allow_nonfinite)
+    else:
+        folder = hub.download(found.repo_id, revision=revision, token=token, timeout=timeout)
+        # The download checked every file against the manifest: not hashed a second time.
+        saved = artifacts.read_folder(folder, allow_nonfinite=allow_nonfinite, manifest_checked=True)
+    _load_saved(unwrap(model), saved, name=name, ignore_mismatch=ignore_mismatch, where=str(where))
     return model
+
+
+def _load_saved(base: nn.Module, saved: artifacts.SavedAdapter, *, name: str | None, ignore_mismatch: bool,
+                where: str) -> str:
+    """Attach a read and checked adapter and copy its weights in, all or nothing."""
+    artifacts.check_fits(base, saved, ignore_mismatch=ignore_mismatch, where=where)
+    name = name or saved.name or "default"
+    previous = get_active_adapter(base)
+    before = _ModelState(base)
+    try:
+        attach_config(base, saved.strategy, saved.config, name, meta=saved.meta(where))
+    except Exception as err:
+        if isinstance(err, AdapterKitError) or not isinstance(err, ValueError):
+            raise
+        raise AdapterMismatchError(f"The adapter in {where} cannot be attached to this model: {err}") from err
+    try:
+        artifacts.copy_weights(base, name, saved)
+    except BaseException:
+        try:
+            _discard(base, name, previous)
+            before.restore()
+        except Exception:  # the load's own error is the one to report
+            logger.exception("Cleaning up after the failed load of %s failed too", where)
+        raise
+    freeze_all_but(base, [])  # a loaded adapter is for inference until train() says otherwise
+    activate(base, name)
+    return name
+
+
+class _ModelState:
+    """What a failed load must put back besides the adapter record: trainability and label names."""
+
+    def __init__(self, base: nn.Module) -> None:
+        self.base = base
+        self.grad = [(p, p.requires_grad) for p in base.parameters()]
+        config = getattr(base, "config", None)
+        self.labels = {k: getattr(config, k, None) for k in ("id2label", "label2id")} if config is not None else {}
+
+    def restore(self) -> None:
+        for p, flag in self.grad:
+            if p.requires_grad != flag:
+                p.requires_grad_(flag)
+        for key, value in self.labels.items():
+            setattr(self.base.config, key, value)

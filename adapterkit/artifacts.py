@@ -18,25 +18,23 @@ fields, file hashes, links, every tensor) before it copies any weight.
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
+import dataclasses
 import datetime
-import errno
 import hashlib
 import json
 import logging
 import os
 import re
-import shutil
-import sys
-import tempfile
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 import torch
+from huggingface_hub import ModelCard, ModelCardData
 from torch import nn
 
-from adapterkit.config import FORMAT_VERSION
+from adapterkit import heads, io
+from adapterkit._version import __version__
+from adapterkit.config import FORMAT_VERSION, AdapterConfig
 from adapterkit.errors import (
     AdapterExistsError,
     AdapterFormatError,
@@ -46,52 +44,19 @@ from adapterkit.errors import (
     InvalidOptionError,
 )
 from adapterkit.fingerprint import check_fit, fingerprint
+from adapterkit.io import read_safetensors
+from adapterkit.model_info import base_model_id
+from adapterkit.models import EMBEDDED_MODELS, embedded_alias
 from adapterkit.quantized import quantization_of
+from adapterkit.registry import default_registry
+from adapterkit.state import require_store, unwrap
+from adapterkit.strategy import Strategy
 
 logger = logging.getLogger(__name__)
 
 SIDECAR = "adapterkit.json"
-PEFT_PREFIX = "base_model.model."
 WEIGHT_FILES = ("adapter_model.safetensors", "adapter.safetensors")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
-
-
-# --- small file helpers --------------------------------------------------------------
-def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    """Write tensors as safetensors through a temporary file renamed into place."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    plain = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(plain, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
-    """Read a safetensors file; a corrupt or truncated one is an :class:`AdapterFormatError`."""
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(str(path))
-    except Exception as err:  # safetensors raises its own SafetensorError / OSError kinds
-        raise AdapterFormatError(
-            f"{path} is not a readable safetensors file ({err}). It is corrupt or truncated: "
-            "save or download the adapter again."
-        ) from err
-
-
-def base_model_id(model: nn.Module) -> str | None:
-    """The id the base was loaded from: Hub id, embedded model's canonical id, or a path."""
-    explicit = model.__dict__.get("_adapterkit_base_id")
-    if explicit:
-        return explicit
-    return getattr(getattr(model, "config", None), "_name_or_path", None) or None
 
 
 # --- save ----------------------------------------------------------------------------
@@ -112,23 +77,17 @@ def card_metrics(metrics: dict[str, Any]) -> dict[str, float]:
 
 def _load_name(model_id: str | None) -> str | None:
     """What to pass to load_base for ``model_id``: the embedded alias where there is one, so it works offline."""
-    from adapterkit.models import embedded_alias
-
     return (embedded_alias(model_id) if model_id else None) or model_id
 
 
 def _card_base_model(model_id: str | None) -> str | None:
     """The Hub id for the card's ``base_model`` lineage (an embedded alias stands for its source checkpoint)."""
-    from adapterkit.models import EMBEDDED_MODELS
-
     entry = EMBEDDED_MODELS.get(model_id) if model_id else None
     model_id = entry.model_id if entry else model_id
     return model_id if model_id and "/" in model_id and not os.path.isabs(model_id) else None
 
 
 def _card(sidecar: dict[str, Any]) -> str:
-    from huggingface_hub import ModelCard, ModelCardData
-
     metrics = card_metrics(sidecar.get("metrics") or {})
     data = ModelCardData(
         base_model=_card_base_model(sidecar["base_model"].get("id")),
@@ -189,10 +148,6 @@ def save(
         AdapterExistsError: ``path`` is a file, a link, a folder that is not an adapterkit
             adapter, or an adapter folder holding files it did not write.
     """
-    from adapterkit import __version__
-    from adapterkit.api import _strategy
-    from adapterkit.state import require_store, unwrap
-
     base = unwrap(model)
     store = require_store(base)
     name = name or store.active
@@ -201,203 +156,68 @@ def save(
             f"No adapter is active; pass name= (loaded: {', '.join(sorted(store.records))})."
         )
     record = store.record(name)
-    impl = _strategy(record.strategy)
-    if metrics:
-        record.meta.setdefault("metrics", {}).update(metrics)
-    if recipe:
-        record.meta["recipe"] = recipe
-    head = {}
-    if impl.trains_label_head:
-        for hpath, module in store.heads.get(name, {}).items():
-            head.update({f"{hpath}.{k}": v.detach() for k, v in module.state_dict().items()})
+    impl = default_registry.get(record.strategy)()
     path = Path(path)
     if path.name in ("", ".", ".."):
         raise InvalidOptionError(
             f"Cannot save an adapter to {str(path)!r}: name the folder to write (e.g. 'runs/my-adapter')."
         )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with _locked(path.parent):
-        _recover_locked(path)
-        _check_destination(path)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.parent))
+    # The record learns the new metrics and recipe only once they are on disk.
+    merged_metrics = {**record.meta.get("metrics", {}), **(metrics or {})}
+    recipe = recipe or record.meta.get("recipe")
+    head = heads.state_dict(store, name) if impl.trains_label_head else {}
+
+    def prepare(destination: Path) -> None:
+        io.recover_locked(destination, _is_complete)
+        _check_destination(destination)
+
+    with io.writing_folder(path, prepare=prepare) as tmp:
+        io.step("writing")
+        impl.write_files(base, name, tmp, head)
+        files = sorted(p.name for p in tmp.iterdir())
+        weight_file = next((f for f in WEIGHT_FILES if f in files), None)
+        sidecar = {
+            "format_version": FORMAT_VERSION,
+            "adapterkit_version": __version__,
+            "name": name,
+            "strategy": record.strategy,
+            "options": record.config.to_dict(),
+            "base_model": {
+                "id": base_model_id(base),
+                "fingerprint": record.meta.get("base_fingerprint") or fingerprint(base),
+            },
+            "quantization": record.meta.get("quantization", quantization_of(base)),
+            "task": record.meta.get("task"),
+            "label_names": record.meta.get("label_names"),
+            "head_modules": sorted(store.heads.get(name, {})) if impl.trains_label_head else [],
+            "metrics": merged_metrics,
+            "recipe": recipe,
+            "files": [weight_file] if weight_file else files,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        }
         try:
-            _step("writing")
-            impl.write_files(base, name, tmp, head)
-            files = sorted(p.name for p in tmp.iterdir())
-            weight_file = next((f for f in WEIGHT_FILES if f in files), None)
-            sidecar = {
-                "format_version": FORMAT_VERSION,
-                "adapterkit_version": __version__,
-                "name": name,
-                "strategy": record.strategy,
-                "options": record.config.to_dict(),
-                "base_model": {
-                    "id": base_model_id(base),
-                    "fingerprint": record.meta.get("base_fingerprint") or fingerprint(base),
-                },
-                "quantization": record.meta.get("quantization", quantization_of(base)),
-                "task": record.meta.get("task"),
-                "label_names": record.meta.get("label_names"),
-                "head_modules": sorted(store.heads.get(name, {})) if impl.trains_label_head else [],
-                "metrics": record.meta.get("metrics", {}),
-                "recipe": record.meta.get("recipe"),
-                "files": [weight_file] if weight_file else files,
-                "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            }
-            try:
-                json.dumps(sidecar)
-            except TypeError as err:
-                raise AdapterFormatError(
-                    f"Adapter metadata cannot be saved as JSON: {err}. Pass plain values."
-                ) from err
-            (tmp / "README.md").write_text(_card(sidecar), encoding="utf-8")
-            sidecar["manifest"] = _manifest(tmp)
-            (tmp / SIDECAR).write_text(json.dumps(sidecar, indent=2) + "\n", encoding="utf-8")
-            _install(tmp, path)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+            json.dumps(sidecar)
+        except TypeError as err:
+            raise AdapterFormatError(
+                f"Adapter metadata cannot be saved as JSON: {err}. Pass plain values."
+            ) from err
+        (tmp / "README.md").write_text(_card(sidecar), encoding="utf-8")
+        sidecar["manifest"] = _manifest(tmp)
+        (tmp / SIDECAR).write_text(json.dumps(sidecar, indent=2) + "\n", encoding="utf-8")
+    record.meta["metrics"] = merged_metrics
+    if recipe:
+        record.meta["recipe"] = recipe
     logger.info("Saved adapter '%s' (%s) to %s", name, record.strategy, path)
     return path
 
 
-# --- installing a folder atomically, and recovering from a killed save -----------------
-# A save builds `.<name>.tmp-<pid>-<random>` beside the destination and swaps it in with one
-# atomic directory exchange (Linux renameat2 RENAME_EXCHANGE), so the path always holds the
-# old adapter or the new one. Where the exchange is unavailable the old folder is renamed
-# aside to `.<name>.old-<pid>-<random>` first; a save killed between the two renames leaves
-# that copy stranded, and the next save, load or :func:`recover` puts it back. Leftovers of
-# dead writers (the pid in the name) are removed under the same lock.
-_RENAME_EXCHANGE = 2  # linux/fs.h
-_AT_FDCWD = -100
-#: Tests turn this off to exercise the rename-aside path on Linux too.
-_USE_EXCHANGE = True
-#: Tests set this to a callable to pause or kill a save at each named step.
-_STEP_HOOK = None
+def recover(path: str | os.PathLike) -> bool:
+    """Put back an adapter that a killed :func:`save` left renamed aside, and remove dead saves' leftovers.
 
-
-def _step(name: str) -> None:
-    if _STEP_HOOK is not None:
-        _STEP_HOOK(name)
-
-
-def _load_renameat2():
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).renameat2
-    except (OSError, AttributeError):  # glibc < 2.28, musl
-        return None
-    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    fn.restype = ctypes.c_int
-    return fn
-
-
-_renameat2 = _load_renameat2()
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Atomically swap the paths ``a`` and ``b``; False where the OS or filesystem cannot."""
-    if _renameat2 is None or not _USE_EXCHANGE:
-        return False
-    if _renameat2(_AT_FDCWD, os.fsencode(str(a)), _AT_FDCWD, os.fsencode(str(b)), _RENAME_EXCHANGE) == 0:
-        return True
-    code = ctypes.get_errno()
-    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EXDEV):
-        return False
-    raise OSError(code, os.strerror(code), str(b))
-
-
-@contextlib.contextmanager
-def _locked(parent: Path):
-    """Hold an exclusive lock on the folder ``parent`` so saves into it serialise across processes.
-
-    The lock is flock on the directory itself: no lock file is left behind, and the kernel
-    drops it when a holder dies.
+    :func:`save` and :func:`read_folder` call it; call it yourself before testing whether an
+    adapter folder exists. Returns whether an adapter was restored at ``path``.
     """
-    try:
-        import fcntl
-    except ImportError:  # Windows: no cross-process lock; saves still install atomically
-        yield
-        return
-    fd = os.open(parent, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
-
-
-def _fsync(path: Path, *, directory: bool = False) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0))
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # some filesystems refuse fsync on directories
-        pass
-    finally:
-        os.close(fd)
-
-
-def _install(tmp: Path, path: Path) -> None:
-    """Put the complete folder ``tmp`` at ``path``, replacing what is there in one step."""
-    for file in tmp.rglob("*"):
-        if file.is_file():
-            _fsync(file)
-    _fsync(tmp, directory=True)
-    _step("installing")
-    if not os.path.lexists(path):
-        os.rename(tmp, path)
-        _step("renamed")
-    elif _exchange(tmp, path):
-        _step("exchanged")
-        _fsync(path.parent, directory=True)
-        shutil.rmtree(tmp)  # the old adapter, now under the temporary name
-    else:
-        aside = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-{os.getpid()}-", dir=path.parent))
-        os.rmdir(aside)
-        os.rename(path, aside)
-        _step("moved-aside")
-        try:
-            os.rename(tmp, path)
-        except BaseException:
-            os.rename(aside, path)
-            raise
-        _step("renamed")
-        _fsync(path.parent, directory=True)
-        shutil.rmtree(aside)
-    _fsync(path.parent, directory=True)
-    _step("done")
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return False  # under the lock no other save of this process is writing this path
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OSError):
-        return True
-    return True
-
-
-def _stale_siblings(path: Path) -> list[tuple[str, Path]]:
-    """(``"tmp"``/``"old"``, sibling) of ``path`` left by saves whose process is gone."""
-    out = []
-    try:
-        names = os.listdir(path.parent)
-    except OSError:
-        return out
-    for entry in names:
-        for kind in ("tmp", "old"):
-            prefix = f".{path.name}.{kind}-"
-            match = re.fullmatch(r"(\d+)(?:-.*)?", entry[len(prefix):]) if entry.startswith(prefix) else None
-            if match and not _pid_alive(int(match.group(1))):
-                out.append((kind, path.parent / entry))
-    return out
+    return io.recover(path, _is_complete)
 
 
 def _is_complete(folder: Path) -> bool:
@@ -409,37 +229,6 @@ def _is_complete(folder: Path) -> bool:
         return True
     except (AdapterKitError, OSError):
         return False
-
-
-def _recover_locked(path: Path) -> bool:
-    restored = False
-    stale = _stale_siblings(path)
-    if not os.path.lexists(path):
-        # Newest first: the copy renamed aside by the last killed save.
-        olds = sorted((p for kind, p in stale if kind == "old"), key=lambda p: p.stat().st_mtime, reverse=True)
-        for old in olds:
-            if _is_complete(old):
-                os.rename(old, path)
-                logger.warning("Recovered the adapter at %s from %s, left by an interrupted save.", path, old.name)
-                restored = True
-                break
-    for _, sibling in stale:
-        if sibling.exists() and sibling != path:
-            shutil.rmtree(sibling, ignore_errors=True) if sibling.is_dir() else sibling.unlink(missing_ok=True)
-    return restored
-
-
-def recover(path: str | os.PathLike) -> bool:
-    """Put back an adapter that a killed :func:`save` left renamed aside, and remove dead saves' leftovers.
-
-    :func:`save` and :func:`load_folder` call it; call it yourself before testing whether an
-    adapter folder exists. Returns whether an adapter was restored at ``path``.
-    """
-    path = Path(path)
-    if not path.parent.is_dir() or not path.name or not _stale_siblings(path):
-        return False
-    with _locked(path.parent):
-        return _recover_locked(path)
 
 
 def _check_destination(path: Path) -> None:
@@ -487,21 +276,13 @@ LEGACY_FILES = (SIDECAR, "README.md", "adapter_config.json", *WEIGHT_FILES)
 EDITABLE_FILES = frozenset({"README.md"})
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _manifest(folder: Path) -> dict[str, dict[str, Any]]:
     """Size and sha256 of every file in ``folder`` except the sidecar, by relative name."""
     out = {}
     for path in sorted(folder.rglob("*")):
         rel = path.relative_to(folder).as_posix()
         if path.is_file() and rel != SIDECAR:
-            out[rel] = {"size": path.stat().st_size, "sha256": _sha256(path)}
+            out[rel] = {"size": path.stat().st_size, "sha256": io.sha256_file(path)}
     return out
 
 
@@ -514,7 +295,7 @@ def _verified_manifest(
     """
     manifest = sidecar.get("manifest")
     if manifest is None:
-        return {n: {"size": (folder / n).stat().st_size, "sha256": _sha256(folder / n)}
+        return {n: {"size": (folder / n).stat().st_size, "sha256": io.sha256_file(folder / n)}
                 for n in LEGACY_FILES if n != SIDECAR and (folder / n).is_file()}
     changed = []
     for rel, entry in manifest.items():
@@ -526,7 +307,7 @@ def _verified_manifest(
             )
         if not enforce_card and rel in EDITABLE_FILES:
             continue
-        if path.stat().st_size != entry["size"] or _sha256(path) != entry["sha256"]:
+        if path.stat().st_size != entry["size"] or io.sha256_file(path) != entry["sha256"]:
             changed.append(rel)
     if changed:
         raise AdapterFormatError(
@@ -699,8 +480,6 @@ def _refuse_outside_links(folder: Path) -> None:
 
 
 def _identify(folder: Path, sidecar: dict[str, Any] | None):
-    from adapterkit.registry import default_registry
-
     if sidecar is not None:
         cls = default_registry.get(sidecar["strategy"])
         try:
@@ -708,11 +487,17 @@ def _identify(folder: Path, sidecar: dict[str, Any] | None):
         except InvalidOptionError as err:
             raise AdapterFormatError(f"The field 'options' of {folder / SIDECAR} is invalid: {err}") from err
         return cls(), config
+    peft_type = _peft_type(folder)
+    candidates = []
     for strategy_name in default_registry.list():
         try:
             impl = default_registry.get(strategy_name)()
         except Exception:  # a broken plugin cannot claim a folder
             continue
+        # A strategy that names its peft type reads only folders of that type; others may sniff any.
+        if impl.peft_type is None or impl.peft_type == peft_type:
+            candidates.append((impl.peft_type is None, strategy_name, impl))
+    for _, strategy_name, impl in sorted(candidates, key=lambda c: c[:2]):
         try:
             config = impl.config_from_files(folder)
         except (ValueError, TypeError, KeyError, AttributeError, OSError) as err:
@@ -722,10 +507,31 @@ def _identify(folder: Path, sidecar: dict[str, Any] | None):
             ) from err
         if config is not None:
             return impl, config
+    if peft_type is not None:
+        known = sorted({c[2].peft_type for c in candidates if c[2].peft_type} | {"LORA", "PREFIX_TUNING"})
+        raise AdapterFormatError(
+            f"{folder} is a peft {peft_type} adapter, which no installed strategy reads (peft types read: "
+            f"{', '.join(known)}). Load it with peft.PeftModel.from_pretrained, or install a strategy for it."
+        )
     raise AdapterFormatError(
         f"{folder} is not an adapter: it has no {SIDECAR} and no adapter_config.json that an installed strategy "
         "can read. Save adapters with adapterkit.save() or peft's save_pretrained()."
     )
+
+
+def _peft_type(folder: Path) -> str | None:
+    """The ``peft_type`` a plain peft folder's ``adapter_config.json`` declares, if it is readable."""
+    path = folder / "adapter_config.json"
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise AdapterFormatError(
+            f"{folder} has a broken adapter_config.json ({type(err).__name__}: {err}). Save or download the adapter again."
+        ) from err
+    value = data.get("peft_type") if isinstance(data, dict) else None
+    return value if isinstance(value, str) else None
 
 
 def _all_finite(value: torch.Tensor) -> bool:
@@ -759,78 +565,46 @@ def _check_tensors(tensors: dict[str, torch.Tensor], path: Path, *, allow_nonfin
             logger.warning("%s Loading it anyway (allow_nonfinite=True).", message)
 
 
-def _check_label_rows(base: nn.Module, tensors: dict[str, torch.Tensor], label_names: Any, path: Path) -> None:
-    """A classifier's output rows must match the label names the sidecar records."""
-    from adapterkit.targets import head_paths, is_vocab_head
+@dataclasses.dataclass
+class SavedAdapter:
+    """An adapter folder read and checked by :func:`read_folder`, ready to attach and copy in."""
 
-    if not isinstance(label_names, list):
-        return
-    for head in head_paths(base):
-        if is_vocab_head(base, head):
-            continue
-        module = base.get_submodule(head)
-        linears = [n for n, m in module.named_modules() if isinstance(m, nn.Linear)]
-        if not linears:
-            continue
-        out = f"{head}.{linears[-1]}" if linears[-1] else head
-        for leaf in ("weight", "bias"):
-            for key in (f"{out}.{leaf}", f"{PEFT_PREFIX}{out}.{leaf}"):
-                value = tensors.get(key)
-                if value is not None and value.dim() >= 1 and value.shape[0] != len(label_names):
-                    raise AdapterFormatError(
-                        f"Head tensor '{key}' in {path} has {value.shape[0]} output rows but the sidecar names "
-                        f"{len(label_names)} labels ({', '.join(label_names[:6])}). The adapter is inconsistent: "
-                        "save it again."
-                    )
+    folder: Path
+    #: the sidecar, or None for a plain peft folder
+    sidecar: dict[str, Any] | None
+    strategy: Strategy
+    config: AdapterConfig
+    weight_path: Path
+    tensors: dict[str, torch.Tensor]
 
+    @property
+    def name(self) -> str | None:
+        """The name it was saved under (None for plain peft folders)."""
+        return (self.sidecar or {}).get("name")
 
-class _ModelState:
-    """What a failed load must put back besides the adapter record: trainability and label names."""
-
-    def __init__(self, base: nn.Module) -> None:
-        self.base = base
-        self.grad = [(p, p.requires_grad) for p in base.parameters()]
-        config = getattr(base, "config", None)
-        self.labels = {k: getattr(config, k, None) for k in ("id2label", "label2id")} if config is not None else {}
-
-    def restore(self) -> None:
-        for p, flag in self.grad:
-            if p.requires_grad != flag:
-                p.requires_grad_(flag)
-        for key, value in self.labels.items():
-            setattr(self.base.config, key, value)
+    def meta(self, source: str) -> dict[str, Any]:
+        """The record metadata an adapter loaded from here carries."""
+        sidecar = self.sidecar or {}
+        meta = {
+            "source": source,
+            "task": sidecar.get("task"),
+            "label_names": sidecar.get("label_names"),
+            "metrics": sidecar.get("metrics", {}),
+            "recipe": sidecar.get("recipe"),
+            "quantization": sidecar.get("quantization"),
+            "base_fingerprint": sidecar.get("base_model", {}).get("fingerprint"),
+        }
+        return {k: v for k, v in meta.items() if v is not None}
 
 
-def load_folder(
-    model: nn.Module,
-    folder: Path,
-    *,
-    name: str | None = None,
-    ignore_mismatch: bool = False,
-    source: str | None = None,
-    allow_nonfinite: bool = False,
-    manifest_checked: bool = False,
-) -> str:
-    """Load the adapter in ``folder`` onto ``model``, all or nothing; returns the adapter's name.
+def read_folder(folder: Path, *, allow_nonfinite: bool = False, manifest_checked: bool = False) -> SavedAdapter:
+    """Read the adapter in ``folder`` and check everything that does not need a model.
 
-    ``manifest_checked``: the caller has just verified the files against the manifest (a Hub
-    download does), so their bytes are not hashed a second time.
-
-    Everything is checked before any weight is copied: the sidecar's fields, the files'
-    bytes against its manifest, symlinks, each tensor's dtype, values, shape and presence,
-    the label head against the label names, and the base's fingerprint. A failure leaves the
-    model as it was (no record, same active adapter, base weights untouched) and raises the
-    reason.
-
-    Args:
-        allow_nonfinite: load tensors holding NaN/inf with a warning instead of refusing.
+    The sidecar's fields, the files' bytes against its manifest (unless ``manifest_checked``:
+    the caller just verified them, as a Hub download does), links, pickles, and each tensor's
+    dtype and values (NaN/inf refused unless ``allow_nonfinite``). Nothing is attached.
     """
-    from adapterkit.api import _discard, activate, attach_config, get_active_adapter
-    from adapterkit.state import freeze_all_but, get_store, unwrap
-
-    base = unwrap(model)
     folder = Path(folder)
-    where = source or folder
     try:
         recover(folder)
     except OSError as err:  # e.g. a read-only parent: load what is there, if anything
@@ -843,170 +617,73 @@ def load_folder(
     if sidecar is not None and not manifest_checked:
         _verified_manifest(folder, sidecar, enforce_card=False)
     impl, config = _identify(folder, sidecar)
-    weight_path = next((folder / f for f in WEIGHT_FILES if (folder / f).is_file()), None)
-    if weight_path is None:
-        raise AdapterFormatError(f"{folder} has no adapter weights ({' or '.join(WEIGHT_FILES)}).")
+    weight_path = _weight_path(folder)
     tensors = read_safetensors(weight_path)
     _check_tensors(tensors, weight_path, allow_nonfinite=allow_nonfinite)
-    if sidecar is not None:
-        saved_base = sidecar["base_model"]
-        problem = check_fit(saved_base["fingerprint"], fingerprint(base), saved_base.get("id"), base_model_id(base))
-        if problem and not ignore_mismatch:
-            raise AdapterMismatchError(
-                f"The adapter in {where} does not fit this base model: {problem}. "
-                "Load the base it was trained on, or pass ignore_mismatch=True to load it anyway."
-            )
-        if problem:
-            logger.warning("Loading %s despite a base mismatch: %s", where, problem)
-        _check_label_rows(base, tensors, sidecar.get("label_names"), weight_path)
-    else:
+    return SavedAdapter(folder, sidecar, impl, config, weight_path, tensors)
+
+
+def check_fits(base: nn.Module, saved: SavedAdapter, *, ignore_mismatch: bool, where: Any) -> None:
+    """Refuse ``saved`` unless it was trained on ``base`` (fingerprint) and its label head
+    matches its label names; a plain peft folder cannot be verified and only warns."""
+    sidecar = saved.sidecar
+    if sidecar is None:
         logger.warning(
             "%s is a plain peft adapter without an adapterkit sidecar: the base it was trained on could not be "
             "verified. If outputs look wrong, check that it was trained on this base.",
             where,
         )
-    name = name or (sidecar or {}).get("name") or "default"
-    meta = {
-        "source": str(where),
-        "task": (sidecar or {}).get("task"),
-        "label_names": (sidecar or {}).get("label_names"),
-        "metrics": (sidecar or {}).get("metrics", {}),
-        "recipe": (sidecar or {}).get("recipe"),
-        "quantization": (sidecar or {}).get("quantization"),
-        "base_fingerprint": (sidecar or {}).get("base_model", {}).get("fingerprint"),
-    }
-    meta = {k: v for k, v in meta.items() if v is not None}
-    previous = get_active_adapter(base)
-    saved_state = _ModelState(base)
-    try:
-        attach_config(base, impl, config, name, meta=meta)
-    except Exception as err:
-        if isinstance(err, AdapterKitError) or not isinstance(err, ValueError):
-            raise
-        raise AdapterMismatchError(f"The adapter in {where} cannot be attached to this model: {err}") from err
-    try:
-        strict = bool((sidecar or {}).get("head_modules"))
-        _restore(base, get_store(base), impl, name, tensors, weight_path, strict_heads=strict)
-    except BaseException:
-        try:
-            _discard(base, name, previous)
-            saved_state.restore()
-        except Exception:  # the load's own error is the one to report
-            logger.exception("Cleaning up after the failed load of %s failed too", where)
-        raise
-    freeze_all_but(base, [])  # a loaded adapter is for inference until train() says otherwise
-    activate(base, name)
-    return name
+        return
+    saved_base = sidecar["base_model"]
+    problem = check_fit(saved_base["fingerprint"], fingerprint(base), saved_base.get("id"), base_model_id(base))
+    if problem and not ignore_mismatch:
+        raise AdapterMismatchError(
+            f"The adapter in {where} does not fit this base model: {problem}. "
+            "Load the base it was trained on, or pass ignore_mismatch=True to load it anyway."
+        )
+    if problem:
+        logger.warning("Loading %s despite a base mismatch: %s", where, problem)
+    heads.check_label_rows(base, saved.tensors, sidecar.get("label_names"), saved.weight_path)
 
 
-def _restore(
-    base: nn.Module, store, impl, name: str, tensors: dict[str, torch.Tensor], path: Path, *, strict_heads: bool = True
-) -> None:
-    """Check every tensor against adapter ``name``, then copy them all (nothing is copied on a failure)."""
+def copy_weights(base: nn.Module, name: str, saved: SavedAdapter, *, strict_heads: bool | None = None) -> None:
+    """Copy ``saved``'s tensors into the attached adapter ``name``; every tensor is checked
+    against the adapter first, so a refused file copies nothing.
+
+    ``strict_heads`` refuses a file without tensors for a head the adapter trains; by default
+    adapterkit's own folders that record heads are strict, plain peft folders keep the base's.
+    """
+    store = require_store(base)
+    impl = saved.strategy
     own_keys = set(impl.state_dict(base, name))
-    own = {k: v for k, v in tensors.items() if k in own_keys}
-    heads = store.heads.get(name, {}) if impl.trains_label_head else {}
+    own = {k: v for k, v in saved.tensors.items() if k in own_keys}
+    trained_heads = store.heads.get(name, {}) if impl.trains_label_head else {}
+    if strict_heads is None:
+        strict_heads = bool((saved.sidecar or {}).get("head_modules"))
     impl.check_state_dict(base, name, own)
-    plan = _plan_heads(heads, tensors, own_keys, path, strict=strict_heads)
+    plan = heads.plan_load(trained_heads, saved.tensors, own_keys, saved.weight_path, strict=strict_heads)
     impl.load_state_dict(base, name, own)
-    for module, leaf, value in plan:
-        _resize_linear(module, leaf, value)
-        param = getattr(module, leaf)
-        with torch.no_grad():
-            param.copy_(value.to(device=param.device, dtype=param.dtype))
+    heads.load_plan(plan)
 
 
 def restore_weights(model: nn.Module, name: str, folder: Path) -> None:
     """Copy the weights saved in ``folder`` into the already loaded adapter ``name`` (resume)."""
-    from adapterkit.api import _strategy
-    from adapterkit.state import require_store, unwrap
-
     base = unwrap(model)
     store = require_store(base)
-    impl = _strategy(store.record(name).strategy)
-    weight_path = next((folder / f for f in WEIGHT_FILES if (folder / f).is_file()), None)
-    if weight_path is None:
-        raise AdapterFormatError(f"{folder} has no adapter weights ({' or '.join(WEIGHT_FILES)}).")
+    folder = Path(folder)
+    impl = default_registry.get(store.record(name).strategy)()
     sidecar = read_sidecar(folder)
     if sidecar is not None:
         _verified_manifest(folder, sidecar, enforce_card=False)
+    weight_path = _weight_path(folder)
     tensors = read_safetensors(weight_path)
     _check_tensors(tensors, weight_path, allow_nonfinite=False)
-    _restore(base, store, impl, name, tensors, weight_path)
+    saved = SavedAdapter(folder, sidecar, impl, store.record(name).config, weight_path, tensors)
+    copy_weights(base, name, saved, strict_heads=True)
 
 
-def _resize_linear(module: nn.Module, key: str, value: torch.Tensor) -> None:
-    """Give a label head the class count of the saved one (e.g. a 6-way head on a 2-way base)."""
-    if not isinstance(module, nn.Linear) or key not in ("weight", "bias"):
-        return
-    current = getattr(module, key)
-    if current is None or current.shape == value.shape or current.shape[1:] != value.shape[1:]:
-        return
-    setattr(module, key, nn.Parameter(torch.empty_like(value, device=current.device, dtype=current.dtype)))
-    module.out_features = value.shape[0]
-
-
-def _plan_heads(
-    heads: dict[str, nn.Module], tensors: dict[str, torch.Tensor], own: set[str], path: Path, *, strict: bool
-) -> list[tuple[nn.Module, str, torch.Tensor]]:
-    """(module, parameter name, value) for every head tensor, after checking them all.
-
-    A head module the file has tensors for must be complete (a missing bias is refused, not
-    kept from the base). ``strict`` (adapterkit's own files) also refuses a head with no
-    tensors at all; plain peft files without ``modules_to_save`` keep the base's head.
-    """
-    rest = {k[len(PEFT_PREFIX):] if k.startswith(PEFT_PREFIX) else k: v for k, v in tensors.items() if k not in own}
-    plan: list[tuple[nn.Module, str, torch.Tensor]] = []
-    loaded: set[str] = set()
-    empty = []
-    for hpath, module in sorted(heads.items()):
-        mine = {k[len(hpath) + 1 :]: v for k, v in rest.items() if k.startswith(hpath + ".")}
-        if not mine:
-            empty.append(hpath)
-            continue
-        params = dict(module.named_parameters())
-        missing = sorted(set(params) - set(mine))
-        if missing:
-            raise AdapterMismatchError(
-                f"{path} has an incomplete head '{hpath}': no tensor for {', '.join(f'{hpath}.{m}' for m in missing)}. "
-                "adapterkit does not fill head weights from the base: save the adapter again."
-            )
-        for pname, value in sorted(mine.items()):
-            if pname not in params:
-                continue  # reported below as a tensor with no place
-            owner, _, leaf = pname.rpartition(".")
-            target = module.get_submodule(owner) if owner else module
-            param = params[pname]
-            resizable = (
-                isinstance(target, nn.Linear) and leaf in ("weight", "bias") and param.shape[1:] == value.shape[1:]
-            )
-            if param.shape != value.shape and not resizable:
-                raise AdapterMismatchError(
-                    f"Head tensor '{hpath}.{pname}' in {path} has shape {tuple(value.shape)}, the model's "
-                    f"{tuple(param.shape)}."
-                )
-            plan.append((target, leaf, value))
-            loaded.add(f"{hpath}.{pname}")
-    unknown = sorted(set(rest) - loaded)
-    if unknown:
-        raise AdapterMismatchError(f"{path} has tensors this model has no place for: {unknown[:3]}.")
-    resized = {(id(m), leaf): v.shape[0] for m, leaf, v in plan if isinstance(m, nn.Linear)}
-    for m, leaf, v in plan:
-        other = "bias" if leaf == "weight" else "weight"
-        if isinstance(m, nn.Linear) and (id(m), other) in resized and resized[(id(m), other)] != v.shape[0]:
-            raise AdapterMismatchError(
-                f"{path}: the weight and bias of head layer {leaf!r} disagree on the number of outputs."
-            )
-    if empty and strict:
-        raise AdapterMismatchError(
-            f"{path} has no tensors for the task head {', '.join(empty)} that this adapter trains. The file is "
-            "incomplete: save the adapter again."
-        )
-    if empty:
-        logger.warning(
-            "%s carries no weights for the task head %s; it keeps the base's head. Plain peft adapters need "
-            "modules_to_save for a trained classifier.",
-            path,
-            empty,
-        )
-    return plan
+def _weight_path(folder: Path) -> Path:
+    path = next((folder / f for f in WEIGHT_FILES if (folder / f).is_file()), None)
+    if path is None:
+        raise AdapterFormatError(f"{folder} has no adapter weights ({' or '.join(WEIGHT_FILES)}).")
+    return path

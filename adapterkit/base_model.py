@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import torch
+import transformers
 from torch import nn
 
 from adapterkit.errors import InvalidOptionError, ModelNotAvailableError
+from adapterkit.models import hub_error_hint, resolve_model
+from adapterkit.quantized import bnb_config, prepare_for_kbit_training
 
 logger = logging.getLogger(__name__)
 
@@ -33,8 +37,6 @@ def infer_task(config: Any) -> str:
 
 
 def _auto_class(task: str):
-    import transformers
-
     return {
         "classification": transformers.AutoModelForSequenceClassification,
         "causal-lm": transformers.AutoModelForCausalLM,
@@ -43,7 +45,7 @@ def _auto_class(task: str):
 
 
 def load_base(
-    name_or_path: str,
+    name_or_path: str | os.PathLike,
     *,
     task: str | None = None,
     bits: int | None = None,
@@ -76,12 +78,9 @@ def load_base(
 
     Raises:
         InvalidOptionError: bad task or bits.
-        ModelNotAvailableError: the model is not installed, not a folder, or the Hub is unreachable.
+        ModelNotAvailableError: the model is not installed, a path that does not exist, not a model folder, or
+            the Hub cannot serve it (the message names the cause: offline, unreachable, gated, no such repo ...).
     """
-    import transformers
-
-    from adapterkit.models import hub_error_hint, resolve_model
-
     if task is not None and task not in TASKS:
         raise InvalidOptionError(f"task must be one of {', '.join(TASKS)} or None (inferred), got {task!r}.")
     if bits not in (None, 4, 8):
@@ -117,8 +116,6 @@ def load_base(
     if task == "classification" and getattr(config, "pad_token_id", None) is None:
         kwargs["pad_token_id"] = tokenizer.pad_token_id
     if bits is not None:
-        from adapterkit.quantized import bnb_config
-
         kwargs["quantization_config"] = bnb_config(
             bits, quant_type=quant_type, double_quant=double_quant, compute_dtype=compute_dtype
         )
@@ -135,8 +132,6 @@ def load_base(
             ) from err
         raise
     if bits is not None:
-        from adapterkit.quantized import prepare_for_kbit_training
-
         model = prepare_for_kbit_training(model, gradient_checkpointing=gradient_checkpointing)
     model.__dict__["_adapterkit_base_id"] = resolved.model_id
     return model, tokenizer

@@ -4,12 +4,28 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
+import json
 import logging
 import sys
+import tempfile
 import traceback
 from pathlib import Path
+from types import ModuleType
+
+from huggingface_hub import constants, scan_cache_dir
+from huggingface_hub.errors import CacheNotFound
 
 import adapterkit as ak
+from adapterkit import data as akdata
+from adapterkit.artifacts import read_sidecar
+from adapterkit.errors import cli_spelling, did_you_mean
+from adapterkit.evaluate import evaluate_classifier, evaluate_label_words
+from adapterkit.hub import download
+from adapterkit.models import EMBEDDED_MODELS
+from adapterkit.options import read_config
+from adapterkit.prompting import PromptTemplate
+from adapterkit.sources import resolve_source
 
 
 def _cmd_list(args: argparse.Namespace) -> int:
@@ -23,14 +39,7 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 def cached_adapters() -> list[tuple[str, str, dict]]:
     """Adapters in the local Hub cache: (repo id, commit, sidecar) for folders with a sidecar."""
-    import json
-
-    from huggingface_hub import scan_cache_dir
-    from huggingface_hub.errors import CacheNotFound
-
     try:
-        from huggingface_hub import constants
-
         info = scan_cache_dir(constants.HF_HUB_CACHE)
     except CacheNotFound:
         return []
@@ -48,8 +57,6 @@ PEFT_CONFIG = "adapter_config.json"
 
 def _read_adapter(folder: Path, source: str) -> dict | None:
     """The sidecar of the adapter in ``folder``; None for a plain peft adapter; an error for anything else."""
-    from adapterkit.artifacts import read_sidecar
-
     sidecar = read_sidecar(folder)
     if sidecar is None and not (folder / PEFT_CONFIG).is_file():
         files = sorted(p.name for p in folder.iterdir())[:10]
@@ -79,33 +86,24 @@ def _describe(folder: Path, source: str) -> str:
     return "\n".join(lines)
 
 
-def _looks_like_path(source: str) -> bool:
-    # A Hub repo id is exactly "owner/name"; anything else is meant as a file or folder here.
-    return (
-        source.startswith((".", "/", "~", "\\")) or "\\" in source or source.count("/") != 1
-        or Path(source).suffix.lower() in (".json", ".safetensors", ".bin", ".pt")
-    )
-
-
-def _folder(source: str, revision: str | None) -> Path:
-    """A local adapter folder, or the Hub repo ``source`` downloaded; a missing path or a file is said as such."""
-    path = Path(source).expanduser()
-    if path.is_dir():
-        return path
-    if path.exists():
+def _folder(text: str, revision: str | None) -> Path:
+    """A local adapter folder, or the Hub repo ``text`` downloaded; a missing path or a file is said as such."""
+    source = resolve_source(text, what="adapter folder", error=ak.AdapterNotFoundError)
+    if source.kind == "folder":
+        return source.path
+    if source.kind == "file":
         raise ak.AdapterNotFoundError(
-            f"{source} is a file, not an adapter folder: pass the folder adapterkit.save wrote (the one holding "
-            f"adapterkit.json{', e.g. ' + str(path.parent) if path.name in ('adapterkit.json', PEFT_CONFIG) else ''})."
+            f"{text} is a file, not an adapter folder: pass the folder adapterkit.save wrote (the one holding "
+            f"adapterkit.json{', e.g. ' + str(source.path.parent) if source.path.name in ('adapterkit.json', PEFT_CONFIG) else ''})."
         )
-    if _looks_like_path(source):
-        where = "" if path.is_absolute() else f" (relative to {Path.cwd()})"
+    if "/" not in source.repo_id:
+        # Adapters live in user repos ("owner/name"); a bare word is a folder that is not there, not a Hub
+        # model such as "gpt2".
         raise ak.AdapterNotFoundError(
-            f"No such adapter folder: {source} does not exist{where}, and it is not a Hub repo id either "
-            "(those read 'owner/name'). Check the path."
+            f"No such adapter folder: {text} does not exist (relative to {Path.cwd()}), and it is not a Hub repo "
+            "id of an adapter either (those read 'owner/name'). Check the path."
         )
-    from adapterkit.hub import download
-
-    return download(source, revision=revision)
+    return download(source.repo_id, revision=revision)
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -138,11 +136,8 @@ def _recipe_dirs() -> list[Path]:
     return [Path.cwd() / "recipes", Path(ak.__file__).resolve().parents[1] / "recipes"]
 
 
-def _run_recipe(name: str, argv: list[str]) -> dict:
-    import importlib.util
-
-    from adapterkit.errors import InvalidOptionError, did_you_mean
-
+def load_recipe(name: str) -> ModuleType:
+    """The recipe script ``recipes/<name>.py`` (in the working directory, else beside the package), imported afresh."""
     for folder in _recipe_dirs():
         script = folder / f"{name}.py"
         if script.is_file():
@@ -150,8 +145,8 @@ def _run_recipe(name: str, argv: list[str]) -> dict:
             module = importlib.util.module_from_spec(spec)
             sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
             spec.loader.exec_module(module)
-            return module.main(argv)
-    raise InvalidOptionError(
+            return module
+    raise ak.InvalidOptionError(
         f"Unknown recipe '{name}'.{did_you_mean(name, RECIPES)} Recipes: {', '.join(RECIPES)} "
         f"(looked in {', '.join(str(d) for d in _recipe_dirs())})."
     )
@@ -159,11 +154,6 @@ def _run_recipe(name: str, argv: list[str]) -> dict:
 
 def _cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
     """Run a recipe by name, or the recipe a YAML/JSON config names under `recipe:`."""
-    import json
-    import tempfile
-
-    from adapterkit.options import read_config
-
     target = args.recipe
     if target is None or target in ("-h", "--help"):
         # The recipe's own parser answers `train <recipe> --help`; only a bare `train --help` lands here.
@@ -181,18 +171,16 @@ def _cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
         with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
             json.dump(config, f)
         try:
-            _run_recipe(recipe, ["--config", f.name, *extra])
+            load_recipe(recipe).main(["--config", f.name, *extra])
         finally:
             Path(f.name).unlink(missing_ok=True)
         return 0
-    _run_recipe(target, extra)
+    load_recipe(target).main(extra)
     return 0
 
 
 def _load_recorded_base(model_id: str, **kwargs):
     """load_base on the base an adapter records, with a hint for ids recorded by older versions."""
-    from adapterkit.models import EMBEDDED_MODELS
-
     try:
         return ak.load_base(model_id, **kwargs)
     except ak.ModelNotAvailableError as err:
@@ -206,11 +194,21 @@ def _load_recorded_base(model_id: str, **kwargs):
         ) from err
 
 
+def _eval_rows(args: argparse.Namespace, label_names: list[str] | None) -> tuple:
+    """The rows ``--dataset`` names (a bundled set, a local file, or a folder / Hub dataset with splits) and their labels."""
+    source = resolve_source(args.dataset, what="dataset", aliases=akdata.LOCAL_SPLITS, error=ak.DataError)
+    if source.kind == "alias":
+        return akdata.local_dataset(args.dataset, args.split)
+    split = None if source.kind == "file" else args.split  # a local file has one split
+    return akdata.prepare_classification(
+        akdata.load_table(str(source.path) if source.is_local else source.repo_id, split=split),
+        text_column=args.text_column, label_column=args.label_column, text_pair_column=args.text_pair_column,
+        label_names=label_names,
+    )
+
+
 def _cmd_eval(args: argparse.Namespace) -> int:
     """Evaluate a saved classification adapter (or a few-shot causal-LM one) on a dataset split."""
-    from adapterkit import data as akdata
-    from adapterkit.metrics import classification_metrics
-
     folder = _folder(args.adapter, args.revision)
     sidecar = _read_adapter(folder, args.adapter) or {}
     recipe = sidecar.get("recipe") or {}
@@ -227,30 +225,16 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             f"(recipe {recipe.get('recipe')!r}); `adapterkit eval` scores classification adapters and few-shot "
             "causal-LM adapters trained with recipes/fewshot_causal_lm.py."
         )
-    if args.dataset in akdata.LOCAL_SPLITS:
-        table, labels = akdata.local_dataset(args.dataset, args.split)
-    else:  # a local file has one split; a Hub dataset has named ones
-        split = None if Path(args.dataset).is_file() else args.split
-        table, labels = akdata.prepare_classification(
-            akdata.load_table(args.dataset, split=split), text_column=args.text_column, label_column=args.label_column,
-            label_names=sidecar.get("label_names") or recipe.get("label_names"),
-        )
+    table, labels = _eval_rows(args, sidecar.get("label_names") or recipe.get("label_names"))
     table = akdata.subset(table, args.max_rows, seed=0)
+    progress = sys.stderr.isatty()
     if classifier:
-        import torch
-
         model, tokenizer = _load_recorded_base(model_id, task="classification",
                                                label_names=sidecar.get("label_names") or labels)
         ak.load(model, str(folder))
-        preds = []
-        with torch.no_grad():
-            for start in range(0, len(table), 64):
-                enc = tokenizer(table["text"][start : start + 64], return_tensors="pt", padding=True, truncation=True,
-                                max_length=args.max_length)
-                preds += model(**enc).logits.argmax(-1).tolist()
+        metrics = evaluate_classifier(model, tokenizer, table, max_length=args.max_length, num_labels=len(labels),
+                                      show_progress=progress)
     else:
-        from adapterkit.prompting import PromptTemplate, predict_by_scoring
-
         if len(words) != len(labels):
             raise ak.InvalidOptionError(
                 f"{args.adapter} was trained with {len(words)} label words {words}, but {args.dataset} has "
@@ -259,10 +243,28 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         model, tokenizer = _load_recorded_base(model_id, task="causal-lm")
         ak.load(model, str(folder))
         template = PromptTemplate(instruction=recipe.get("instruction") or PromptTemplate().instruction)
-        preds = predict_by_scoring(model, tokenizer, [template.render(t) for t in table["text"][:]], words)
-    metrics = classification_metrics(preds, table["label"][:], num_labels=len(labels))
+        metrics = evaluate_label_words(model, tokenizer, table, words, template=template, show_progress=progress)
     print(f"adapter   {args.adapter}\ndataset   {args.dataset} ({args.split}, {len(table)} rows)")
     print(f"accuracy  {metrics['accuracy']:.4f}\nmacro_f1  {metrics['macro_f1']:.4f}")
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    """Merge a saved adapter into its recorded base and write a plain checkpoint with a fidelity report."""
+    folder = _folder(args.adapter, args.revision)
+    sidecar = _read_adapter(folder, args.adapter) or {}
+    texts = labels = None
+    if args.dataset:
+        table, _ = _eval_rows(args, sidecar.get("label_names"))
+        table = akdata.subset(table, args.max_rows, seed=0)
+        texts = table["text"][:]
+        labels = table["label"][:] if sidecar.get("task") == "classification" else None
+    report = ak.export(folder, args.out, dtype=args.dtype, texts=texts, labels=labels, max_length=args.max_length)
+    print(f"adapter          {args.adapter} ({report.strategy})\nwritten          {report.folder} ({report.dtype})")
+    print(f"rows             {report.rows}\ntop-1 agreement  {report.top1_agreement:.4f}\n"
+          f"mean KL          {report.mean_kl:.2e}\nmax logit diff   {report.max_abs_logit_diff:.2e}")
+    if report.accuracy_delta is not None:
+        print(f"accuracy         {report.unmerged_accuracy:.4f} unmerged, {report.merged_accuracy:.4f} merged")
     return 0
 
 
@@ -322,7 +324,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--text-column", default="text")
     p.add_argument("--label-column", default="label")
+    p.add_argument("--text-pair-column", default=None, help="second text of sentence-pair tasks")
     p.set_defaults(func=_cmd_eval)
+    p = sub.add_parser("export", help="merge a saved adapter into its base: a plain checkpoint and a fidelity report")
+    p.add_argument("adapter", help="adapter folder or Hub repo id")
+    p.add_argument("out", help="folder to write (new, empty, or an earlier export)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--revision", default=None)
+    p.add_argument("--dataset", default=None, help="rows for the fidelity report (default: a few fixed sentences)")
+    p.add_argument("--split", default="dev")
+    p.add_argument("--max-rows", type=int, default=200)
+    p.add_argument("--max-length", type=int, default=128)
+    p.add_argument("--text-column", default="text")
+    p.add_argument("--label-column", default="label")
+    p.add_argument("--text-pair-column", default=None)
+    p.set_defaults(func=_cmd_export)
     p = sub.add_parser("demo", help="attach strategies to a base model and print summaries")
     p.add_argument("model", nargs="?", default="minilm-l6")
     p.add_argument("--task", default=None)
@@ -347,8 +363,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with contextlib.ExitStack() as stack:
             if args.command == "train":
-                from adapterkit.data import cli_spelling  # imports `datasets`, which recipes need anyway
-
                 # Hints in a recipe's errors name its flags (`--max-length 64`), not Python keywords; `eval`
                 # has other flags and spells its own hints.
                 stack.enter_context(cli_spelling())

@@ -55,10 +55,10 @@ def _base_entries(model: nn.Module) -> list[tuple[str, torch.Tensor, nn.Module |
                 continue
             seen.add(id(p))
             name = f"{module_name}.{pname}" if module_name else pname
-            if name.startswith(STORE_NAME) or ".lora_" in name or "lora_magnitude_vector" in name:
+            if name.startswith(STORE_NAME):
                 continue
             linear = pname == "weight" and (isinstance(module, nn.Linear) or type(module).__name__ in _LINEAR_TYPES)
-            out.append((name.replace(".base_layer", ""), p, module if linear else None))
+            out.append((name, p, module if linear else None))
     return out
 
 
@@ -71,6 +71,12 @@ def _base_modules(model: nn.Module):
 
     def walk(prefix: str, module: nn.Module, seen: set[int]):
         module = swapped.get(prefix, module)
+        inner = getattr(module, "base_layer", None)
+        if isinstance(inner, nn.Module) and inner is not module:
+            # A peft tuner layer (any adapter type): only the base layer it wraps is the base's,
+            # under the wrapper's name, which is the layer's name before the adapter came.
+            yield from walk(prefix, inner, seen)
+            return
         if id(module) in seen:
             return
         seen.add(id(module))

@@ -27,10 +27,14 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx2
+from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, constants, get_token
+from huggingface_hub import errors as hf_errors
+from huggingface_hub.utils import set_client_factory, validate_repo_id
 from torch import nn
 
+from adapterkit.artifacts import SIDECAR, adapter_files, save
 from adapterkit.compat.huggingface_hub import client_factory
-from adapterkit.errors import AdapterFormatError, AdapterKitError, AdapterNotFoundError, HubError, InvalidOptionError
+from adapterkit.errors import AdapterFormatError, AdapterKitError, AdapterNotFoundError, HubError, InvalidOptionError, exception_chain
 
 logger = logging.getLogger(__name__)
 
@@ -210,7 +214,6 @@ def _bounded(timeout: float) -> Iterator[_Scope]:
     whatever factory was set before, and the previous factory is restored when the last block
     ends. While a block runs, requests of other code in the process are bounded too.
     """
-    from huggingface_hub.utils import set_client_factory
 
     scope = _Scope(timeout)
     with _INSTALL_LOCK:
@@ -234,14 +237,6 @@ def _bounded(timeout: float) -> Iterator[_Scope]:
 
 
 # --- retries ---------------------------------------------------------------------------------
-def _chain(err: BaseException) -> Iterator[BaseException]:
-    seen: set[int] = set()
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        yield err
-        err = err.__cause__ or err.__context__
-
-
 def _retry_after(headers: Any) -> float | None:
     value = (headers.get("Retry-After") or "").strip() if headers is not None else ""
     try:
@@ -252,9 +247,8 @@ def _retry_after(headers: Any) -> float | None:
 
 
 def _status(err: BaseException) -> int | None:
-    from huggingface_hub.errors import HfHubHTTPError
 
-    if isinstance(err, HfHubHTTPError) and err.response is not None:
+    if isinstance(err, hf_errors.HfHubHTTPError) and err.response is not None:
         return err.response.status_code
     return None
 
@@ -266,12 +260,11 @@ def _cut_short(err: BaseException) -> bool:
 
 def _transient(err: BaseException) -> tuple[bool, float | None]:
     """Whether ``err`` is worth retrying, and the wait the Hub asked for (Retry-After)."""
-    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
-    for e in _chain(err):
-        if isinstance(e, (_HubTimeout, OfflineModeIsEnabled, AdapterKitError)):
+    for e in exception_chain(err):
+        if isinstance(e, (_HubTimeout, hf_errors.OfflineModeIsEnabled, AdapterKitError)):
             return False, None
-        if isinstance(e, HfHubHTTPError) and e.response is not None:
+        if isinstance(e, hf_errors.HfHubHTTPError) and e.response is not None:
             status = e.response.status_code
             return status in RETRY_STATUSES, _retry_after(e.response.headers)
         if isinstance(e, httpx2.TimeoutException):
@@ -309,7 +302,6 @@ def _retrying(call: Callable[[], T], scope: _Scope, what: str) -> T:
 
 # --- telling failures apart ------------------------------------------------------------------
 def _tokens(token: str | None) -> list[str]:
-    from huggingface_hub import get_token
 
     found = [t for t in (token, os.environ.get("HF_TOKEN"), get_token()) if isinstance(t, str) and len(t) >= 4]
     return sorted(set(found), key=len, reverse=True)
@@ -323,7 +315,7 @@ def _redact(text: str, tokens: list[str]) -> str:
 
 def _reason(err: BaseException) -> str:
     """A one-line reason: the HTTP status and the Hub's message, or the transport error."""
-    for e in _chain(err):
+    for e in exception_chain(err):
         status = _status(e)
         if status is not None:
             message = (getattr(e, "server_message", None) or "").strip().splitlines()
@@ -338,12 +330,11 @@ def _reason(err: BaseException) -> str:
 
 def _outage(err: BaseException) -> bool:
     """The Hub is down, stalls or keeps failing (not: it answered no)."""
-    from huggingface_hub.errors import HfHubHTTPError
 
-    for e in _chain(err):
+    for e in exception_chain(err):
         if isinstance(e, _HubTimeout):
             return True
-        if isinstance(e, HfHubHTTPError) and e.response is not None:
+        if isinstance(e, hf_errors.HfHubHTTPError) and e.response is not None:
             return e.response.status_code in RETRY_STATUSES
         if isinstance(e, httpx2.TransportError) or _cut_short(e):
             return True
@@ -353,20 +344,12 @@ def _outage(err: BaseException) -> bool:
 def _explain(err: BaseException, *, action: str, repo_id: str, revision: str | None, endpoint: str,
              timeout: float, tokens: list[str], publishing: bool = False) -> AdapterKitError:
     """The adapterkit error for a failure of huggingface_hub, classified by exception type."""
-    from huggingface_hub.errors import (
-        GatedRepoError,
-        HfHubHTTPError,
-        OfflineModeIsEnabled,
-        RemoteEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
 
     def hub_error(message: str) -> HubError:
         return HubError(_redact(message, tokens))
 
     reason = _redact(_reason(err), tokens)
-    for e in _chain(err):
+    for e in exception_chain(err):
         if isinstance(e, _HubTimeout):
             if e.retry_after is not None:
                 return hub_error(f"{action}: the Hub is overloaded and asked to retry after {e.retry_after:g} s, "
@@ -375,17 +358,17 @@ def _explain(err: BaseException, *, action: str, repo_id: str, revision: str | N
             return hub_error(f"{action}: timed out: no answer from {endpoint} within {timeout:g} s, so the Hub is "
                              f"unreachable for now (cannot reach {endpoint}). Check the connection, or allow longer "
                              f"with timeout= or {TIMEOUT_ENV}.")
-        if isinstance(e, OfflineModeIsEnabled):
+        if isinstance(e, hf_errors.OfflineModeIsEnabled):
             return hub_error(f"{action}: HF_HUB_OFFLINE=1 forbids network access and the cache has no copy. "
                              "Unset HF_HUB_OFFLINE, or pass a local folder.")
-        if isinstance(e, RevisionNotFoundError):
+        if isinstance(e, hf_errors.RevisionNotFoundError):
             return AdapterNotFoundError(f"{repo_id} has no revision {revision!r}. Check the branch, tag or commit.")
-        if isinstance(e, GatedRepoError):
+        if isinstance(e, hf_errors.GatedRepoError):
             return hub_error(f"{repo_id} is gated: accept its terms on the Hub and log in (`hf auth login`).")
-        if isinstance(e, RemoteEntryNotFoundError):
+        if isinstance(e, hf_errors.RemoteEntryNotFoundError):
             return hub_error(f"{action}: a file the repo lists is missing on the Hub ({reason}). The repo is "
                              "incomplete: publish the adapter again.")
-        if isinstance(e, RepositoryNotFoundError):
+        if isinstance(e, hf_errors.RepositoryNotFoundError):
             if publishing:
                 return hub_error(f"{action}: the Hub has no repo {repo_id!r} you may write to ({reason}). Check the "
                                  "id and log in with `hf auth login` as a user with write access.")
@@ -393,7 +376,7 @@ def _explain(err: BaseException, *, action: str, repo_id: str, revision: str | N
                 f"No adapter repo {repo_id!r} on the Hub (or it is private and no token was given). "
                 "Check the id, log in with `hf auth login`, or pass a local folder."
             )
-        if isinstance(e, HfHubHTTPError) and e.response is not None:
+        if isinstance(e, hf_errors.HfHubHTTPError) and e.response is not None:
             status = e.response.status_code
             if status == 401:
                 return hub_error(f"{action}: the Hub refused the credentials ({reason}). Log in with `hf auth login` "
@@ -426,21 +409,18 @@ def _explain(err: BaseException, *, action: str, repo_id: str, revision: str | N
 
 def _handled(err: BaseException) -> bool:
     """Failures of the Hub or the network, as opposed to bugs, which propagate untouched."""
-    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
 
-    return any(isinstance(e, (_HubTimeout, HfHubHTTPError, OfflineModeIsEnabled, httpx2.TransportError))
-               or _cut_short(e) for e in _chain(err))
+    return any(isinstance(e, (_HubTimeout, hf_errors.HfHubHTTPError, hf_errors.OfflineModeIsEnabled, httpx2.TransportError))
+               or _cut_short(e) for e in exception_chain(err))
 
 
 def _check_repo_id(repo_id: object, doing: str, hint: str = "") -> None:
-    from huggingface_hub.errors import HFValidationError
-    from huggingface_hub.utils import validate_repo_id
 
     try:
         if not isinstance(repo_id, str):
-            raise HFValidationError(f"a repo id is a string, not {type(repo_id).__name__}")
+            raise hf_errors.HFValidationError(f"a repo id is a string, not {type(repo_id).__name__}")
         validate_repo_id(repo_id)
-    except HFValidationError as err:
+    except hf_errors.HFValidationError as err:
         raise InvalidOptionError(f"{doing}: {repo_id!r} is not a Hub repo id ({err}). "
                                  f"Pass an id like 'me/my-adapter'{hint}.") from None
 
@@ -448,7 +428,6 @@ def _check_repo_id(repo_id: object, doing: str, hint: str = "") -> None:
 # --- publish ---------------------------------------------------------------------------------
 def _checked_files(folder: Path) -> list[str]:
     """The files ``save`` wrote in ``folder``, each a regular file inside it (no link out)."""
-    from adapterkit.artifacts import adapter_files
 
     files = adapter_files(folder)
     root = folder.resolve()
@@ -464,7 +443,6 @@ def _checked_files(folder: Path) -> list[str]:
 
 def _previous_adapter(api: Any, repo_id: str, info: Any, scope: _Scope) -> set[str]:
     """The files of the adapter the repo holds now (from its sidecar, else the known names)."""
-    from adapterkit.artifacts import SIDECAR
 
     present = {s.rfilename for s in (info.siblings or [])}
     previous = set(KNOWN_ADAPTER_FILES)
@@ -518,9 +496,7 @@ def publish(
         HubError: no access, the Hub failed, timed out or cannot be reached; or ``private=True``
             was asked for an existing public repo (nothing is uploaded then).
     """
-    from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
 
-    from adapterkit.artifacts import save
 
     limit = resolve_timeout(timeout)
     branch = revision or "main"
@@ -575,7 +551,6 @@ def publish(
 # --- download --------------------------------------------------------------------------------
 def _verified(folder: Path) -> Path:
     """``folder`` after checking the files against the sidecar's manifest (plain peft folders pass)."""
-    from adapterkit.artifacts import SIDECAR, adapter_files
 
     if (folder / SIDECAR).exists():
         adapter_files(folder)
@@ -599,8 +574,6 @@ def download(repo_id: str, *, revision: str | None = None, token: str | None = N
         InvalidOptionError: ``repo_id`` is not a Hub repo id, or ``timeout`` is not positive.
         HubError: no access, or the Hub failed / cannot be reached and the cache has no copy.
     """
-    from huggingface_hub import HfApi, constants
-    from huggingface_hub.errors import LocalEntryNotFoundError
 
     limit = resolve_timeout(timeout)
     _check_repo_id(repo_id, "Cannot download an adapter", " or the path of an existing adapter folder")
@@ -617,7 +590,7 @@ def download(repo_id: str, *, revision: str | None = None, token: str | None = N
         try:
             return Path(api.snapshot_download(repo_id, revision=revision, allow_patterns=ALLOW_PATTERNS,
                                               local_files_only=True))
-        except (LocalEntryNotFoundError, OSError):  # no copy, or an incomplete one
+        except (hf_errors.LocalEntryNotFoundError, OSError):  # no copy, or an incomplete one
             return None
 
     if constants.HF_HUB_OFFLINE:

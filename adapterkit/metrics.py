@@ -89,7 +89,7 @@ def compute_metrics_for_trainer(eval_pred: Any) -> dict[str, float]:
     return classification_metrics(preds[keep], labels[keep])
 
 
-#: The name :mod:`adapterkit.training` hands to ``Trainer``.
+#: The name :mod:`adapterkit.training.tasks` hands to ``Trainer`` for classification.
 compute_metrics = compute_metrics_for_trainer
 
 # Trainer reports bookkeeping next to the metrics; none of it says how good an adapter is.

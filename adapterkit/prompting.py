@@ -9,8 +9,9 @@ without a trained adapter.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -42,6 +43,21 @@ class PromptTemplate:
         return self.separator.join([self.instruction, *shots, query])
 
 
+@contextlib.contextmanager
+def evaluation_mode(model: nn.Module) -> Iterator[torch.device]:
+    """``model`` in eval mode without autograd for the block, which gets the device inputs go to.
+
+    The model's train/eval mode comes back afterwards, also when the block raises.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield next(model.parameters()).device
+    finally:
+        model.train(was_training)
+
+
 def _label_token_ids(tokenizer: Any, label_words: Sequence[str]) -> list[list[int]]:
     ids = [tokenizer(" " + w, add_special_tokens=False)["input_ids"] for w in label_words]
     if any(not i for i in ids):
@@ -49,7 +65,6 @@ def _label_token_ids(tokenizer: Any, label_words: Sequence[str]) -> list[list[in
     return ids
 
 
-@torch.no_grad()
 def score_label_words(
     model: nn.Module,
     tokenizer: Any,
@@ -65,12 +80,9 @@ def score_label_words(
     are scored token by token (one pass per label word).
     """
     label_ids = _label_token_ids(tokenizer, label_words)
-    device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    was_training = model.training
-    model.eval()
     scores = []
-    try:
+    with evaluation_mode(model) as device:
         for start in range(0, len(prompts), batch_size):
             chunk = list(prompts[start : start + batch_size])
             prompt_ids = [ids[-max_length:] for ids in tokenizer(chunk)["input_ids"]]
@@ -94,8 +106,6 @@ def score_label_words(
                 target = torch.tensor(suffix, device=device).expand(len(rows), n)
                 per_label.append(picked.gather(-1, target.unsqueeze(-1)).squeeze(-1).sum(-1).cpu())
             scores.append(per_label[0] if len(per_label) == 1 and not variants[0] else torch.stack(per_label, dim=1))
-    finally:
-        model.train(was_training)
     return torch.cat(scores)
 
 
@@ -104,18 +114,15 @@ def predict_by_scoring(model: nn.Module, tokenizer: Any, prompts: Sequence[str],
     return score_label_words(model, tokenizer, prompts, label_words, **kwargs).argmax(-1).tolist()
 
 
-@torch.no_grad()
 def predict_by_generation(
-    model: nn.Module,
-    tokenizer: Any,
-    prompts: Sequence[str],
-    label_words: Sequence[str],
-    *,
-    batch_size: int = 8,
-    max_new_tokens: int = 5,
+    model: nn.Module, tokenizer: Any, prompts: Sequence[str], label_words: Sequence[str], *, max_new_tokens: int = 5,
+    **kwargs: Any,
 ) -> list[int]:
-    """Generate greedily and return the index of the first label word in each answer (-1: none)."""
-    texts = generate(model, tokenizer, prompts, batch_size=batch_size, max_new_tokens=max_new_tokens)
+    """Generate greedily and return the index of the first label word in each answer (-1: none).
+
+    Keyword arguments other than ``max_new_tokens`` (``batch_size``) go to :func:`generate`.
+    """
+    texts = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, **kwargs)
     lowered = [w.lower() for w in label_words]
     out = []
     for text in texts:
@@ -124,25 +131,21 @@ def predict_by_generation(
     return out
 
 
-@torch.no_grad()
 def generate(
     model: nn.Module, tokenizer: Any, prompts: Sequence[str], *, batch_size: int = 8, max_new_tokens: int = 64
 ) -> list[str]:
     """Greedy continuations of ``prompts`` (the new text only)."""
-    device = next(model.parameters()).device
     side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    was_training = model.training
-    model.eval()
+    tokenizer.padding_side = "left"  # generation continues every row from its last column
     out: list[str] = []
     try:
-        for start in range(0, len(prompts), batch_size):
-            enc = tokenizer(list(prompts[start : start + batch_size]), return_tensors="pt", padding=True).to(device)
-            ids = model.generate(
-                **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
-            )
-            out.extend(tokenizer.batch_decode(ids[:, enc["input_ids"].shape[1] :], skip_special_tokens=True))
+        with evaluation_mode(model) as device:
+            for start in range(0, len(prompts), batch_size):
+                enc = tokenizer(list(prompts[start : start + batch_size]), return_tensors="pt", padding=True).to(device)
+                ids = model.generate(
+                    **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+                )
+                out.extend(tokenizer.batch_decode(ids[:, enc["input_ids"].shape[1] :], skip_special_tokens=True))
     finally:
         tokenizer.padding_side = side
-        model.train(was_training)
     return out

@@ -13,6 +13,7 @@ import logging
 
 import torch
 from torch import nn
+from transformers import BitsAndBytesConfig
 
 from adapterkit.compat import bnb as bnb_compat
 
@@ -31,8 +32,6 @@ def bnb_config(
     4-bit defaults to NF4 with double quantization (the QLoRA recipe); transformers'
     own default is FP4. The compute dtype defaults to bf16 on CUDA and fp32 on the CPU.
     """
-    from transformers import BitsAndBytesConfig
-
     if bits == 8:
         return BitsAndBytesConfig(load_in_8bit=True)
     if compute_dtype is None:
@@ -56,7 +55,8 @@ def quantization_of(model: nn.Module) -> str | None:
     return None
 
 
-def _is_bnb(module: nn.Module) -> bool:
+def is_bnb(module: nn.Module) -> bool:
+    """Whether ``module`` is a bitsandbytes quantized linear layer (4-bit or 8-bit)."""
     return type(module).__name__ in ("Linear4bit", "Linear8bitLt") and type(module).__module__.startswith("bitsandbytes")
 
 
@@ -82,7 +82,7 @@ def keep_4bit_trainable(model: nn.Module) -> int:
 
 def dequantize_linear(module: nn.Module) -> nn.Linear:
     """A plain float ``nn.Linear`` with the dequantized weights of a bnb layer."""
-    import bitsandbytes.functional as F
+    import bitsandbytes.functional as F  # only for quantized bases: bitsandbytes is slow to import
 
     weight = module.weight
     if type(module).__name__ == "Linear4bit":
@@ -105,11 +105,11 @@ def trainable_copy(module: nn.Module, memo: dict | None = None) -> nn.Module:
 
     ``memo`` is :func:`copy.deepcopy`'s: objects in it are shared, not copied.
     """
-    if _is_bnb(module):
+    if is_bnb(module):
         return dequantize_linear(module)
     clone = copy.deepcopy(module, memo)
     for name, child in list(clone.named_modules()):
-        if name and _is_bnb(child):
+        if name and is_bnb(child):
             parent_path, _, attr = name.rpartition(".")
             parent = clone.get_submodule(parent_path) if parent_path else clone
             setattr(parent, attr, dequantize_linear(child))
@@ -122,7 +122,7 @@ def prepare_for_kbit_training(model: nn.Module, *, gradient_checkpointing: bool 
     Gradient checkpointing is off by default: on a CPU it made a 4-bit 135M model train
     1.65x slower for barely lower peak memory (measured, see ASSETS.md).
     """
-    from peft import prepare_model_for_kbit_training
+    from peft import prepare_model_for_kbit_training  # peft takes seconds to import: only for quantized training
 
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
     keep_4bit_trainable(model)

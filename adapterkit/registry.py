@@ -14,12 +14,10 @@ import logging
 import os
 import re
 from collections.abc import Callable
-from typing import TYPE_CHECKING, TypeVar
+from typing import TypeVar
 
 from adapterkit.errors import InvalidOptionError, StrategyImportError, UnknownStrategyError, did_you_mean
-
-if TYPE_CHECKING:
-    from adapterkit.strategies.base import Strategy
+from adapterkit.strategy import Strategy
 
 logger = logging.getLogger(__name__)
 
@@ -102,8 +100,6 @@ class Registry:
                 f"The plugin strategy '{name}' ({ep.value}, from {getattr(ep.dist, 'name', 'unknown package')}) "
                 f"failed to import: {err}. Reinstall or fix that package, or set ADAPTERKIT_DISABLE_PLUGINS=1."
             ) from err
-        from adapterkit.strategies.base import Strategy
-
         if not (isinstance(cls, type) and issubclass(cls, Strategy)):
             raise StrategyImportError(
                 f"The plugin strategy '{name}' ({ep.value}) is {cls!r}, not a subclass of adapterkit.Strategy."

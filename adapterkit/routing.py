@@ -10,9 +10,9 @@ nothing shared is written on the hot path.
 The modules an adapter changes read the choice at forward time:
 
 - peft's LoRA layers get a subclass (made once per layer class) whose ``_active_adapter`` is
-  the routed choice, and whose ``forward`` serves a per-row route (see ``adapterkit.runtime``);
+  the routed choice, and whose ``forward`` serves a per-row route (``strategies/lora.py``);
 - each label/task head module gets a subclass whose ``forward`` hands the input to the head
-  module of the routed adapter;
+  module of the routed adapter (``heads.py``);
 - the prefix strategy's pre-hook looks the routed prefix up itself.
 
 Swapping ``__class__`` keeps every ``isinstance`` check (peft's, transformers') true, keeps
@@ -30,12 +30,9 @@ import types
 from collections.abc import Callable
 from typing import Any
 
-import torch
 from torch import nn
 
 from adapterkit.errors import IncompatibleModelError
-
-from adapterkit.compat.peft import ACTIVE_ADAPTER_ATTR
 
 _KEYS = itertools.count(1)
 _NO_ROUTES: types.MappingProxyType = types.MappingProxyType({})
@@ -43,8 +40,6 @@ _ROUTES: contextvars.ContextVar[types.MappingProxyType] = contextvars.ContextVar
 
 #: attribute, in a routed module's ``__dict__``, holding the model's adapter store
 STORE_ATTR = "_adapterkit_store"
-#: attribute, in a routed head's ``__dict__``, holding its path in the model
-PATH_ATTR = "_adapterkit_head_path"
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -97,64 +92,25 @@ def effective_name(store: Any) -> str | None:
     return route.name
 
 
-# --- routed LoRA layers -------------------------------------------------------------------------
-class _ActiveAdapter:
-    """``_active_adapter`` of a routed peft layer: the context's choice, else the layer's own."""
-
-    def __get__(self, layer: nn.Module | None, owner: type) -> Any:
-        if layer is None:
-            return self
-        own = layer.__dict__.get(ACTIVE_ADAPTER_ATTR, [])
-        routes = _ROUTES.get()
-        if not routes:
-            return own
-        route = routes.get(layer.__dict__[STORE_ATTR].key)
-        if route is None:
-            return own
-        if route.rows is not None:  # a per-row forward names its adapters itself
-            return own
-        return [route.name] if route.name is not None else []
-
-    def __set__(self, layer: nn.Module, value: Any) -> None:
-        layer.__dict__[ACTIVE_ADAPTER_ATTR] = value
-
-
+# --- routed modules ---------------------------------------------------------------------------
+# A module follows routes by becoming an instance of a subclass of its own class, made once per
+# (kind, class). Each kind's namespace (its forward, descriptors) belongs to the file that owns
+# that kind of module: heads.py ("head"), strategies/lora.py ("lora").
+_KINDS: dict[str, Callable[[type], dict[str, Any]]] = {}
 _ROUTED_CLASSES: dict[tuple[str, type], type] = {}
 _LOCK = threading.Lock()
-#: attribute, in a routed LoRA layer's ``__dict__``, holding the strategy's per-row forward
-ROWS_ATTR = "_adapterkit_rows_forward"
 
 
-def _lora_namespace(cls: type) -> dict[str, Any]:
-    def forward(self, x, *args, **kwargs):
-        routes = _ROUTES.get()
-        route = routes.get(self.__dict__[STORE_ATTR].key) if routes else None
-        if route is None or route.rows is None or "adapter_names" in kwargs:
-            return cls.forward(self, x, *args, **kwargs)
-        return self.__dict__[ROWS_ATTR](self, cls, route, x, *args, **kwargs)
-
-    return {ACTIVE_ADAPTER_ATTR: _ActiveAdapter(), "forward": forward}
+def register_kind(kind: str, namespace: Callable[[type], dict[str, Any]]) -> None:
+    """Declare how modules of ``kind`` follow routes: ``namespace(cls)`` returns the attributes
+    (a ``forward``, descriptors) of the routed subclass of ``cls``."""
+    _KINDS[kind] = namespace
 
 
-def _head_namespace(cls: type) -> dict[str, Any]:
-    def forward(self, *args, **kwargs):
-        routes = _ROUTES.get()
-        route = routes.get(self.__dict__[STORE_ATTR].key) if routes else None
-        if route is None:
-            return cls.forward(self, *args, **kwargs)
-        heads = self.__dict__[STORE_ATTR].head_for
-        where = self.__dict__[PATH_ATTR]
-        if route.rows is None:
-            target = heads(route.name, where)
-            if target is self:
-                return cls.forward(self, *args, **kwargs)
-            return own_forward(target)(*args, **kwargs)
-        return _per_row_head(route, heads, where, args, kwargs)
-
-    return {"forward": forward}
-
-
-_NAMESPACES = {"lora": _lora_namespace, "head": _head_namespace}
+def route_of(module: nn.Module) -> Route | None:
+    """The calling context's route for the model a routed ``module`` belongs to, or None."""
+    routes = _ROUTES.get()
+    return routes.get(module.__dict__[STORE_ATTR].key) if routes else None
 
 
 def _routed_class(kind: str, cls: type) -> type:
@@ -170,7 +126,7 @@ def _routed_class(kind: str, cls: type) -> type:
                 "__module__": cls.__module__,
                 "__qualname__": cls.__qualname__,
                 "__reduce_ex__": _reduce_ex,
-                **_NAMESPACES[kind](cls),
+                **_KINDS[kind](cls),
             }
             sub = type(cls.__name__, (cls,), namespace)
             _ROUTED_CLASSES[(kind, cls)] = sub
@@ -187,15 +143,12 @@ def _rebuild(kind: str, cls: type) -> nn.Module:
     return object.__new__(_routed_class(kind, cls))
 
 
-def route_lora_layer(layer: nn.Module, store: Any, per_row_forward: Callable) -> None:
-    """Make a peft LoRA layer follow routes. ``per_row_forward(layer, cls, route, x, *args,
-    **kwargs)`` (a module-level function) serves per-row routes."""
-    layer.__dict__[STORE_ATTR] = store
-    layer.__dict__[ROWS_ATTR] = per_row_forward
-    layer.__class__ = _routed_class("lora", type(layer))
+def reroute(module: nn.Module, store: Any, kind: str) -> None:
+    """Make ``module`` (of a model carrying ``store``) follow routes as a module of ``kind``."""
+    module.__dict__[STORE_ATTR] = store
+    module.__class__ = _routed_class(kind, type(module))
 
 
-# --- routed heads -------------------------------------------------------------------------------
 def own_forward(module: nn.Module) -> Callable:
     """``module``'s forward without routing (its original class's)."""
     cls = type(module)
@@ -204,38 +157,9 @@ def own_forward(module: nn.Module) -> Callable:
     return cls.forward.__get__(module, type(module))
 
 
-def route_head(module: nn.Module, store: Any, path: str) -> None:
-    """Make a head module (the base's or an adapter's copy, at ``path``) follow routes."""
-    module.__dict__[STORE_ATTR] = store
-    module.__dict__[PATH_ATTR] = path
-    module.__class__ = _routed_class("head", type(module))
-
-
-def unroute(module: nn.Module) -> None:
-    """Give ``module`` back its own class (when the model carries no adapter any more)."""
+def unroute(module: nn.Module, *attrs: str) -> None:
+    """Give ``module`` back its own class and drop routing's attributes (and ``attrs``) from it."""
     if type(module).__dict__.get("_adapterkit_routed"):
         module.__class__ = type(module).__mro__[1]
-    for attr in (STORE_ATTR, PATH_ATTR, ROWS_ATTR):
+    for attr in (STORE_ATTR, *attrs):
         module.__dict__.pop(attr, None)
-
-
-def _per_row_head(route: Route, heads: Callable, path: str, args: tuple, kwargs: dict):
-    x, rest = args[0], args[1:]
-    rows = route.rows
-    route.check_rows(x.shape[0], f" at '{path}'")
-    groups: dict[int, tuple[nn.Module, list[int]]] = {}
-    for i, name in enumerate(rows):
-        head = heads(name, path)
-        groups.setdefault(id(head), (head, []))[1].append(i)
-    if len(groups) == 1:
-        (head, _), = groups.values()
-        return own_forward(head)(*args, **kwargs)
-    out = None
-    for head, idx in groups.values():
-        index = torch.tensor(idx, dtype=torch.long, device=x.device)
-        part = own_forward(head)(x[index], *rest, **kwargs)
-        if out is None:
-            out = part.new_empty((len(rows), *part.shape[1:]))
-        out[index] = part.to(out.dtype)
-    return out
-

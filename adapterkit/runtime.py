@@ -2,8 +2,9 @@
 
 Inside ``mixed_batch(model, names)``, row ``i`` of every forward pass (and of ``generate``)
 goes through adapter ``names[i]``; ``None`` rows use the bare base, and each row's label head
-is routed the same way. Only strategies that declare ``supports_mixed_batch`` (LoRA) take
-part: a prefix changes the sequence length and a head adapter has nothing to batch.
+is routed the same way. Only strategies that accept it take
+part (``Strategy.check_mixed_batch``): a prefix changes the sequence length and a head adapter
+has nothing to batch.
 
 The choice of rows belongs to the calling thread or asyncio task (``adapterkit.routing``):
 concurrent mixed batches on one model, and a mixed batch nested in another or in a
@@ -18,7 +19,7 @@ from collections.abc import Iterator
 
 from torch import nn
 
-from adapterkit import routing
+from adapterkit import heads, routing
 from adapterkit.errors import IncompatibleModelError, InvalidOptionError
 from adapterkit.registry import default_registry
 from adapterkit.state import require_store, unwrap
@@ -49,15 +50,12 @@ def mixed_batch(model: nn.Module, adapter_names: list[str | None]) -> Iterator[n
         if not isinstance(name, str):
             raise InvalidOptionError(f"mixed_batch: adapter names are strings or None, got {name!r}.")
         record = store.record(name)
-        if not getattr(default_registry.get(record.strategy), "supports_mixed_batch", False):
-            raise IncompatibleModelError(
-                f"Adapter '{name}' is a '{record.strategy}' adapter; a mixed batch can only route rows through "
-                "adapters whose strategy supports it (lora). Run it alone with adapterkit.use()."
-            )
-        if getattr(record.config, "use_dora", False):
-            raise IncompatibleModelError(f"Adapter '{name}' uses DoRA, which peft cannot run in a mixed batch.")
+        try:
+            default_registry.get(record.strategy)().check_mixed_batch(record.config)
+        except IncompatibleModelError as exc:
+            raise IncompatibleModelError(f"mixed_batch: adapter '{name}' ({record.strategy}): {exc}") from None
     for path in store.base_heads:
-        widths = {getattr(store.head_for(n, path), "out_features", None) for n in set(rows)}
+        widths = {getattr(heads.head_for(store, n, path), "out_features", None) for n in set(rows)}
         if len(widths) > 1:
             raise IncompatibleModelError(
                 f"The adapters {sorted(set(map(str, rows)))} have heads of different widths at '{path}' "

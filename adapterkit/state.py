@@ -23,8 +23,7 @@ from torch import nn
 from adapterkit.compat.torch import compiled_inner
 from adapterkit.config import AdapterConfig
 from adapterkit.errors import AdapterNotFoundError, did_you_mean
-from adapterkit.quantized import trainable_copy
-from adapterkit.routing import new_key, route_head, unroute
+from adapterkit.routing import new_key
 
 _ATTR = "_adapterkit"
 
@@ -125,11 +124,6 @@ class AdapterStore:
                 successor.previous_generation = switch.previous_generation
                 self.successors[switch.previous_generation] = successor
 
-    def head_for(self, name: str | None, path: str) -> nn.Module:
-        """The module adapter ``name`` (None: the base) uses at head ``path``."""
-        own = self.heads.get(name) if name is not None else None
-        return own.get(path, self.base_heads[path]) if own else self.base_heads[path]
-
     def record(self, name: str) -> AdapterRecord:
         """The record of adapter ``name``, or a clear error listing the loaded ones."""
         try:
@@ -140,52 +134,6 @@ class AdapterStore:
                 f"No adapter named '{name}' is loaded on this model.{did_you_mean(name, loaded)} "
                 f"Loaded: {', '.join(loaded) or '(none)'}. Use adapterkit.attach() or adapterkit.load() first."
             ) from None
-
-    # heads -------------------------------------------------------------------------
-    def add_head_copies(self, model: nn.Module, name: str, paths: list[str]) -> dict[str, nn.Module]:
-        """Give adapter ``name`` its own copy of the modules at ``paths``.
-
-        The copy starts from the base's current weights; a tied output embedding becomes an
-        untied copy, so training it never touches the frozen input embeddings, and a quantized
-        module a dequantized one.
-        """
-        copies = self.heads.setdefault(name, {})
-        for path in paths:
-            if path not in self.base_heads:
-                self.base_heads[path] = model.get_submodule(path)
-                route_head(self.base_heads[path], self, path)
-            source = self.base_heads[path]
-            # The memo shares the store (routed modules point at it) instead of copying the model.
-            copies[path] = trainable_copy(source, memo={id(self): self})
-            route_head(copies[path], self, path)
-        return copies
-
-    def release_heads(self) -> None:
-        """Give the base's head modules back their own classes (the last adapter is gone)."""
-        for module in self.base_heads.values():
-            unroute(module)
-
-    def install_heads(self, model: nn.Module, name: str | None) -> None:
-        """Register adapter ``name``'s head modules in the model (the base's where it has none)."""
-        own = self.heads.get(name, {}) if name is not None else {}
-        for path, base_module in self.base_heads.items():
-            module = own.get(path, base_module)
-            parent_path, _, attr = path.rpartition(".")
-            parent = model.get_submodule(parent_path) if parent_path else model
-            current = getattr(parent, attr)
-            if current is module:
-                continue
-            _follow(module, current)
-            setattr(parent, attr, module)
-
-
-def _follow(module: nn.Module, current: nn.Module) -> None:
-    """Move ``module`` to where ``current`` lives and match its train/eval mode."""
-    ref = next(current.parameters(), None)
-    mine = next(module.parameters(), None)
-    if ref is not None and mine is not None and mine.device != ref.device:
-        module.to(ref.device)
-    module.train(current.training)
 
 
 def get_store(model: nn.Module, *, create: bool = False) -> AdapterStore | None:

@@ -114,15 +114,20 @@ def linear_layer_names(model: nn.Module, *, scope: str = "all") -> list[str]:
     excluded = head_zone(model)
     names: list[str] = []
     attention_prefixes: list[str] = []
+    wrappers: list[str] = []
     for name, module in model.named_modules():
         if not name or name.startswith(STORE_NAME) or any(name == e or name.startswith(e + ".") for e in excluded):
             continue
         if "attention" in type(module).__name__.lower():
             attention_prefixes.append(name + ".")
-        # peft's own wrappers contain the base layer; adapt the layer itself, once.
-        if ".lora_" in name or name.endswith(".base_layer"):
+        # A peft tuner layer (any adapter type) stands for the layer it wraps: adapt it once,
+        # never its base layer or the adapter's own modules inside it.
+        if any(name.startswith(w) for w in wrappers):
             continue
-        if is_linear(module) or isinstance(getattr(module, "base_layer", None), nn.Module):
+        wrapped = isinstance(getattr(module, "base_layer", None), nn.Module)
+        if wrapped:
+            wrappers.append(name + ".")
+        if is_linear(module) or wrapped:
             if scope == "attention" and not any(name.startswith(p) for p in attention_prefixes):
                 continue
             names.append(name)

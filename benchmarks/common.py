@@ -7,6 +7,7 @@ as ratios because this machine is shared and its absolute speed drifts.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -65,6 +66,15 @@ def _mem_total_mb() -> float | None:
 def peak_rss_mb() -> float:
     """Peak resident memory of this process so far, in MB."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def side_arguments() -> tuple[str, dict[str, Any]]:
+    """The ``--side`` and ``--settings`` a side's process was started with (see :func:`run_side`)."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--side", required=True)
+    parser.add_argument("--settings", required=True)
+    args = parser.parse_args()
+    return args.side, json.loads(args.settings)
 
 
 def run_side(module: str, side: str, settings: dict[str, Any], timeout: int = 3600) -> dict[str, Any]:

@@ -7,34 +7,20 @@ One side per process: ``fewshot:<k>:<seed>`` (LoRA on smollm2-135m, label-word s
 
 from __future__ import annotations
 
-import argparse
+import importlib.util
 import json
-import sys
 import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
-from benchmarks.common import ROOT, peak_rss_mb
-
-
-def _recipe(name: str):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(f"recipe_{name}", ROOT / "recipes" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+from adapterkit import data as akdata
+from adapterkit.cli import load_recipe
+from adapterkit.metrics import classification_metrics
+from benchmarks.common import peak_rss_mb, side_arguments
 
 
 def run_setfit(k: int, seed: int, settings: dict[str, Any]) -> dict[str, Any]:
-    import importlib.util
-
-    from setfit import SetFitModel, Trainer, TrainingArguments
-
-    from adapterkit import data as akdata
-    from adapterkit.metrics import classification_metrics
+    from setfit import SetFitModel, Trainer, TrainingArguments  # an optional benchmark dependency, and slow to import
 
     train, labels = akdata.local_dataset("sst2", "train")
     dev, _ = akdata.local_dataset("sst2", "dev")
@@ -53,12 +39,8 @@ def run_setfit(k: int, seed: int, settings: dict[str, Any]) -> dict[str, Any]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--side", required=True)
-    parser.add_argument("--settings", required=True)
-    args = parser.parse_args()
-    settings = json.loads(args.settings)
-    kind, k, seed = args.side.split(":")
+    side, settings = side_arguments()
+    kind, k, seed = side.split(":")
     k, seed = int(k), int(seed)
     if kind == "setfit":
         result = run_setfit(k, seed, settings)
@@ -68,15 +50,15 @@ def main() -> None:
                 "--learning-rate", "0.001", "--label-words", '["negative", "positive"]']
         if settings.get("eval_rows"):
             argv += ["--max-eval-rows", str(settings["eval_rows"])]
-        r = _recipe("fewshot_causal_lm").main(argv)
+        r = load_recipe("fewshot_causal_lm").main(argv)
         result = {"accuracy": r["accuracy"], "macro_f1": r["macro_f1"], "train_seconds": r["train_seconds"]}
     else:
         argv = ["--shots", str(k), "--seed", str(seed), "--label-words", '["negative", "positive"]']
         if settings.get("eval_rows"):
             argv += ["--max-eval-rows", str(settings["eval_rows"])]
-        r = _recipe("prompting").main(argv)
+        r = load_recipe("prompting").main(argv)
         result = {"accuracy": r["accuracy"], "macro_f1": r["macro_f1"], "eval_seconds": r["eval_seconds"]}
-    result.update(side=args.side, method=kind, k=k, seed=seed, peak_rss_mb=round(peak_rss_mb(), 1))
+    result.update(side=side, method=kind, k=k, seed=seed, peak_rss_mb=round(peak_rss_mb(), 1))
     print(json.dumps(result))
 
 

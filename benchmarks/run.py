@@ -8,11 +8,13 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -275,6 +277,47 @@ def padding_profile(cfg: dict[str, Any]) -> dict[str, Any]:
             "ceiling_vs_dynamic": rows[1]["processed_tokens"] / grouped}
 
 
+def runtime(cfg: dict[str, Any]) -> dict[str, Any] | None:
+    """Adapter switching, loading and mixed batches (benchmarks/runtime.py); None when it fails."""
+    try:
+        return run_side("benchmarks.runtime", "runtime", cfg)
+    except Exception as err:  # the other sections still run and report
+        print(f"    failed: {str(err)[-800:]}", flush=True)
+        return None
+
+
+Checkpoint = Callable[[dict[str, Any]], None]
+
+
+@dataclasses.dataclass(frozen=True)
+class Section:
+    """One section of the results: ``results[key]``, run when ``--only`` names ``key`` and the suite has ``needs``."""
+
+    key: str
+    needs: str
+    run: Callable[[dict[str, Any], Checkpoint, dict[str, Any]], dict[str, Any] | None]
+    flops: bool = False  # rows get achieved GFLOP/s against the matmul peak
+    title: str | None = None
+
+
+#: In running order: the late training groups extend the ``train_speed`` section the first one wrote.
+SECTIONS = [
+    Section("padding", "train", lambda suite, checkpoint, results: padding_profile(suite["train"])),
+    Section("train_speed", "train", flops=True, run=lambda suite, checkpoint, results: train_speed(
+        suite["train"], suite["train_groups"], checkpoint=checkpoint)),
+    Section("runtime", "runtime", lambda suite, checkpoint, results: runtime(suite["runtime"])),
+    Section("smollm2", "smollm2", flops=True, run=lambda suite, checkpoint, results: smollm2_memory(
+        suite["smollm2"], checkpoint=checkpoint)),
+    Section("train_speed", "train_groups_late", flops=True, title="train_speed (late groups)",
+            run=lambda suite, checkpoint, results: train_speed(suite["train"], suite["train_groups_late"],
+                                                               checkpoint=checkpoint, previous=results["train_speed"])),
+    Section("head_epochs", "head_epochs", lambda suite, checkpoint, results: train_speed(
+        {**suite["train"], **suite["head_epochs"]}, [(HEAD, 1)], checkpoint=checkpoint)),
+    Section("quality", "quality", lambda suite, checkpoint, results: quality(suite["quality"], checkpoint=checkpoint)),
+    Section("strategies", "strategies", lambda suite, checkpoint, results: strategies(suite["strategies"])),
+]
+
+
 def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
     out = []
     for section, key, op, threshold in TARGETS:
@@ -284,6 +327,10 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
         out.append({"section": section, "measure": key, "value": value, "target": f"{op} {threshold:g}",
                     "met": {None: "not measured", True: "yes", False: "NO"}[met]})
     return out
+
+
+def _training_settings(cfg: dict[str, Any]) -> str:
+    return f"{cfg['train_rows']} rows, batch {cfg['batch_size']}, max length {cfg['max_length']}, {cfg['epochs']} epoch"
 
 
 def report(results: dict[str, Any]) -> str:
@@ -311,9 +358,7 @@ def report(results: dict[str, Any]) -> str:
                   f"{pad['ceiling_vs_dynamic']:.2f}x that of random dynamic batches.", ""]
     ts = results.get("train_speed")
     if ts:
-        parts += ["## Training: SST-2 on minilm-l6 "
-                  f"({ts['settings']['train_rows']} rows, batch {ts['settings']['batch_size']}, max length "
-                  f"{ts['settings']['max_length']}, {ts['settings']['epochs']} epoch)", "",
+        parts += [f"## Training: SST-2 on minilm-l6 ({_training_settings(ts['settings'])})", "",
                   table(ts["rows"], ["side", "rounds", "seconds", "real_tokens_per_s", "padding_fraction", "peak_rss_mb",
                                      "accuracy", "trainable_params", "achieved_gflops", "gflops_fraction_of_peak"]), "",
                   "`seconds` and `real_tokens_per_s` are medians over the rounds. adapterkit's seconds include its "
@@ -324,9 +369,7 @@ def report(results: dict[str, Any]) -> str:
                          for k, v in ts["ratios"].items()], ["ratio", "value", "per round"]), ""]
     sm = results.get("smollm2")
     if sm:
-        parts += ["## LoRA on smollm2-135m: fp32, 8-bit, 4-bit "
-                  f"(SST-2 {sm['settings']['train_rows']} rows, batch {sm['settings']['batch_size']}, max length "
-                  f"{sm['settings']['max_length']}, {sm['settings']['epochs']} epoch)", "",
+        parts += [f"## LoRA on smollm2-135m: fp32, 8-bit, 4-bit (SST-2 {_training_settings(sm['settings'])})", "",
                   table(sm["rows"], ["side", "bits", "seconds", "real_tokens_per_s", "padding_fraction", "peak_rss_after_load_mb",
                                      "peak_rss_mb", "accuracy", "trainable_params", "achieved_gflops", "error"]), "",
                   "`peft_dynamic:lora` is plain peft (q_proj, v_proj) + Trainer with dynamic padding; `adapterkit:lora` "
@@ -389,11 +432,27 @@ def _finish(out: Path, name: str, results: dict[str, Any]) -> None:
     print(text)
 
 
+def _run_section(section: Section, suite: dict[str, Any], results: dict[str, Any], peak: float,
+                 write_partial: Callable[[dict[str, Any]], None]) -> None:
+    """Run one section into ``results``; what it has measured so far is written after each of its steps."""
+    print(section.title or section.key, flush=True)
+
+    def finished(part: dict[str, Any]) -> dict[str, Any]:
+        if section.flops:
+            add_flops(part["rows"], peak)
+        return part
+
+    done = section.run(suite, lambda part: write_partial({**results, section.key: finished(part)}), results)
+    if done is not None:
+        results[section.key] = finished(done)
+    write_partial(results)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--suite", choices=sorted(SUITES), default="quick")
     parser.add_argument("--out", default=str(RESULTS))
-    parser.add_argument("--only", nargs="*", default=None, help="padding train_speed smollm2 runtime head_epochs strategies quality")
+    parser.add_argument("--only", nargs="*", default=None, help=" ".join(dict.fromkeys(s.key for s in SECTIONS)))
     parser.add_argument("--name", default=None, help="file name of the results (default: the suite, plus --only)")
     parser.add_argument("--merge", nargs="*", default=None,
                         help="combine the sections of these result JSON files into one result (no measuring)")
@@ -409,55 +468,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     suite = SUITES[args.suite]
     results: dict[str, Any] = {"suite": args.suite, "env": environment()}
-    want = set(args.only or ["padding", "train_speed", "smollm2", "runtime", "head_epochs", "strategies", "quality"])
+    want = set(args.only or [section.key for section in SECTIONS])
     peak = matmul_peak_gflops()
     results["matmul_peak_gflops"] = peak
     name = args.name or (f"{args.suite}" + (f"-{'-'.join(sorted(want))}" if args.only else ""))
 
-    def partial_train(section: dict[str, Any]) -> None:
-        add_flops(section["rows"], peak)
-        write_result(out, name + ".partial", {**results, "train_speed": section})
-
-    if "padding" in want:
-        results["padding"] = padding_profile(suite["train"])
-    if "train_speed" in want:
-        print("train_speed", flush=True)
-        results["train_speed"] = train_speed(suite["train"], suite["train_groups"], checkpoint=partial_train)
-        add_flops(results["train_speed"]["rows"], peak)
-        write_result(out, name + ".partial", results)
-    if suite.get("runtime") and "runtime" in want:
-        print("runtime", flush=True)
-        try:
-            results["runtime"] = run_side("benchmarks.runtime", "runtime", suite["runtime"])
-        except Exception as err:
-            print(f"    failed: {str(err)[-800:]}", flush=True)
-        write_result(out, name + ".partial", results)
-    if suite.get("smollm2") and "smollm2" in want:
-        print("smollm2", flush=True)
-        results["smollm2"] = smollm2_memory(suite["smollm2"], checkpoint=lambda sec: write_result(
-            out, name + ".partial", {**results, "smollm2": sec}))
-        add_flops([r for r in results["smollm2"]["rows"] if "error" not in r], peak)
-        write_result(out, name + ".partial", results)
-    if suite.get("train_groups_late") and "train_speed" in want:
-        print("train_speed (late groups)", flush=True)
-        results["train_speed"] = train_speed(suite["train"], suite["train_groups_late"], checkpoint=partial_train,
-                                             previous=results["train_speed"])
-        add_flops(results["train_speed"]["rows"], peak)
-        write_result(out, name + ".partial", results)
-    if suite.get("head_epochs") and "head_epochs" in want:
-        print("head_epochs", flush=True)
-        cfg = {**suite["train"], **suite["head_epochs"]}
-        results["head_epochs"] = train_speed(cfg, [(HEAD, 1)], checkpoint=lambda sec: write_result(
-            out, name + ".partial", {**results, "head_epochs": sec}))
-        write_result(out, name + ".partial", results)
-    if suite.get("quality") and "quality" in want:
-        print("quality", flush=True)
-        results["quality"] = quality(suite["quality"], checkpoint=lambda sec: write_result(
-            out, name + ".partial", {**results, "quality": sec}))
-        write_result(out, name + ".partial", results)
-    if suite.get("strategies") and "strategies" in want:
-        print("strategies", flush=True)
-        results["strategies"] = strategies(suite["strategies"])
+    for section in SECTIONS:
+        if section.key in want and suite.get(section.needs):
+            _run_section(section, suite, results, peak, lambda partial: write_result(out, name + ".partial", partial))
     _finish(out, name, results)
     partial = out / f"{name}.partial.json"
     if partial.exists():

@@ -20,9 +20,10 @@ from typing import Any
 
 import torch
 
+from adapterkit.evaluate import evaluate_classifier
+from adapterkit.registry import get_strategy
 from benchmarks.common import peak_rss_mb
 
-LEARNING_RATES = {"lora": 2e-3, "head": 5e-3, "full": 5e-5, "prefix": 1e-2}
 
 
 def _data(settings: dict[str, Any]):
@@ -52,16 +53,6 @@ class TokenCounter:
 
 
 @torch.inference_mode()
-def _accuracy(model, tokenizer, dev, max_length: int) -> float:
-    model.eval()
-    correct = 0
-    texts, labels = dev["text"][:], dev["label"][:]
-    for start in range(0, len(texts), 64):
-        enc = tokenizer(texts[start : start + 64], return_tensors="pt", padding=True, truncation=True, max_length=max_length)
-        correct += (model(**enc).logits.argmax(-1) == torch.tensor(labels[start : start + 64])).sum().item()
-    return correct / len(texts)
-
-
 def _backbone(model):
     from adapterkit.targets import backbone_name
 
@@ -97,7 +88,7 @@ def run_baseline(kind: str, strategy: str, settings: dict[str, Any]) -> dict[str
     counter = TokenCounter(_backbone(model.get_base_model() if hasattr(model, "get_base_model") else model))
     args = transformers.TrainingArguments(
         output_dir=settings["tmp"], per_device_train_batch_size=settings["batch_size"], num_train_epochs=settings["epochs"],
-        learning_rate=LEARNING_RATES[strategy], warmup_steps=0.06, weight_decay=0.01, seed=0, report_to="none",
+        learning_rate=get_strategy(strategy).default_learning_rate, warmup_steps=0.06, weight_decay=0.01, seed=0, report_to="none",
         save_strategy="no", logging_steps=10_000, disable_tqdm=True, dataloader_num_workers=0,
     )
     collator = transformers.DataCollatorWithPadding(tokenizer) if kind == "dynamic" else transformers.default_data_collator
@@ -108,7 +99,7 @@ def run_baseline(kind: str, strategy: str, settings: dict[str, Any]) -> dict[str
     counter.handle.remove()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return {"seconds": seconds, "processed_tokens": counter.processed, "real_tokens": counter.real,
-            "accuracy": _accuracy(model, tokenizer, dev, max_length), "trainable_params": trainable,
+            "accuracy": evaluate_classifier(model, tokenizer, dev, batch_size=64, max_length=max_length)["accuracy"], "trainable_params": trainable,
             "peak_rss_after_load_mb": round(loaded_rss, 1)}
 
 
@@ -122,14 +113,14 @@ def run_adapterkit(strategy: str, targets: str | None, settings: dict[str, Any])
     ak.attach(model, strategy, **options)
     counter = TokenCounter(_backbone(model))
     started = time.perf_counter()
-    metrics = ak.train(model, tokenizer, train, learning_rate=LEARNING_RATES[strategy], num_epochs=settings["epochs"],
+    metrics = ak.train(model, tokenizer, train, learning_rate=get_strategy(strategy).default_learning_rate, num_epochs=settings["epochs"],
                        batch_size=settings["batch_size"], max_length=settings["max_length"], seed=0,
                        output_dir=settings["tmp"], show_progress=False, logging_steps=10_000)
     seconds = time.perf_counter() - started
     counter.handle.remove()
     summary = ak.summary(model)
     return {"seconds": seconds, "processed_tokens": counter.processed, "real_tokens": counter.real,
-            "accuracy": _accuracy(model, tokenizer, dev, settings["max_length"]),
+            "accuracy": evaluate_classifier(model, tokenizer, dev, batch_size=64, max_length=settings["max_length"])["accuracy"],
             "trainable_params": summary.adapters[0].parameters, "cached_features": metrics.get("cached_features"),
             "feature_cache_seconds": metrics.get("feature_cache_seconds"),
             "peak_rss_after_load_mb": round(loaded_rss, 1), "bits": settings.get("bits")}

@@ -14,16 +14,15 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import sys
 import time
 from typing import Any
 
 import adapterkit as ak
 from adapterkit import data as akdata
-from adapterkit.metrics import classification_metrics
+from adapterkit.evaluate import evaluate_label_words
 from adapterkit.options import parse_options, recipe_main, report_results, run_script
-from adapterkit.prompting import PromptTemplate, predict_by_generation, predict_by_scoring
+from adapterkit.prompting import PromptTemplate
 
 
 @dataclasses.dataclass
@@ -81,9 +80,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # 2. model and adapter
     model, tokenizer = ak.load_base(opts.model, task="causal-lm", bits=opts.bits)
     ak.attach(model, opts.strategy, name=opts.name, **opts.adapter)
-    rank = int(os.environ.get("RANK", "0"))  # torchrun: save, publish and print from rank 0 only
-    if rank == 0:
-        print(ak.summary(model))
 
     # 3. train on the k-shot prompts, then classify the evaluation split
     started = time.perf_counter()
@@ -94,21 +90,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         recipe={"recipe": "fewshot_causal_lm", **dataclasses.asdict(opts), **source, "label_words": words},
     )
     train_seconds = time.perf_counter() - started
-    prompts = [template.render(t) for t in evaluation["text"][:]]
-    predict = predict_by_scoring if opts.predict == "scoring" else predict_by_generation
-    preds = predict(model, tokenizer, prompts, words)
-    metrics = classification_metrics(preds, evaluation["label"][:], num_labels=len(labels))
-    if rank != 0:
-        return metrics
+    if not train_metrics.trainer.is_world_process_zero():  # torchrun: print, evaluate, save and publish once
+        return train_metrics
+    print(ak.summary(model))
+    metrics = evaluate_label_words(model, tokenizer, evaluation, words, template=template, method=opts.predict)
 
     # 4. save and report
-    folder = ak.save(model, f"{opts.output_dir}/adapter", name=opts.name, metrics={f"eval_{k}": v for k, v in metrics.items()})
+    folder = ak.save(model, f"{opts.output_dir}/adapter", name=opts.name,
+                     metrics={f"eval_{k}": metrics[k] for k in ("accuracy", "macro_f1")})
     results = {
         "model": opts.model, "strategy": opts.strategy, "bits": opts.bits,
         "dataset": source["dataset"] or source["train_file"], "eval_data": source["eval_data"],
         "k_per_class": opts.k, "seed": opts.seed, "predict": opts.predict, "eval_rows": len(evaluation),
         "accuracy": round(metrics["accuracy"], 4), "macro_f1": round(metrics["macro_f1"], 4),
         "train_loss": round(train_metrics["train_loss"], 4), "train_seconds": round(train_seconds, 1),
+        "eval_seconds": round(metrics["seconds"], 1),
         "adapter": str(folder),
     }
     if opts.publish:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import sys
 from typing import Any
 
@@ -70,9 +69,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     model, tokenizer = ak.load_base(opts.model, task="causal-lm", bits=opts.bits)
     ak.attach(model, opts.strategy, name=opts.name, **opts.adapter)
-    rank = int(os.environ.get("RANK", "0"))  # torchrun: save, publish and print from rank 0 only
-    if rank == 0:
-        print(ak.summary(model))
 
     def rows(ds):
         return [{"prompt": to_prompt(tokenizer, r["instruction"], r["input"]), "completion": r["output"]} for r in ds]
@@ -82,8 +78,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         batch_size=opts.batch_size, max_length=opts.max_length, seed=opts.seed, max_steps=opts.max_steps,
         output_dir=f"{opts.output_dir}/checkpoints", recipe={"recipe": "instruction_tuning", **dataclasses.asdict(opts)},
     )
-    if rank != 0:
+    if not metrics.trainer.is_world_process_zero():  # torchrun: print, generate, save and publish once
         return metrics
+    print(ak.summary(model))
     sample_rows = held_out.select(range(min(opts.samples, len(held_out))))
     answers = generate(model, tokenizer, [r["prompt"] for r in rows(sample_rows)], max_new_tokens=opts.max_new_tokens)
     folder = ak.save(model, f"{opts.output_dir}/adapter", name=opts.name)

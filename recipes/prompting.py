@@ -15,14 +15,15 @@ import dataclasses
 import logging
 import random
 import sys
-import time
 from typing import Any
+
+from accelerate import PartialState
 
 import adapterkit as ak
 from adapterkit import data as akdata
-from adapterkit.metrics import classification_metrics
+from adapterkit.evaluate import evaluate_label_words
 from adapterkit.options import parse_options, recipe_main, report_results, run_script
-from adapterkit.prompting import PromptTemplate, predict_by_generation, predict_by_scoring
+from adapterkit.prompting import PromptTemplate
 
 
 @dataclasses.dataclass
@@ -66,20 +67,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         random.Random(opts.seed).shuffle(examples)  # classes interleaved, not grouped
     template = PromptTemplate(instruction=opts.instruction)
 
+    # Nothing here is split across processes: under torchrun the first one evaluates and reports.
+    if not PartialState().is_main_process:
+        return {}
     model, tokenizer = ak.load_base(opts.model, task="causal-lm", bits=opts.bits)
     if opts.adapter:
         ak.load(model, opts.adapter)
-    started = time.perf_counter()
-    prompts = [template.render(t, examples) for t in evaluation["text"][:]]
-    predict = predict_by_scoring if opts.predict == "scoring" else predict_by_generation
-    preds = predict(model, tokenizer, prompts, words, batch_size=opts.batch_size)
-    metrics = classification_metrics(preds, evaluation["label"][:], num_labels=len(labels))
+    metrics = evaluate_label_words(model, tokenizer, evaluation, words, template=template, examples=examples,
+                                   method=opts.predict, batch_size=opts.batch_size)
     results = {
         "model": opts.model, "adapter": opts.adapter,
         "dataset": source["dataset"] or source["train_file"], "eval_data": source["eval_data"],
         "shots_per_class": opts.shots, "seed": opts.seed, "predict": opts.predict, "eval_rows": len(evaluation),
         "accuracy": round(metrics["accuracy"], 4), "macro_f1": round(metrics["macro_f1"], 4),
-        "eval_seconds": round(time.perf_counter() - started, 1),
+        "eval_seconds": round(metrics["seconds"], 1),
     }
     report_results(results, opts.results_json)
     return results

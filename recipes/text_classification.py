@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import sys
 import time
 from typing import Any
@@ -75,9 +74,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # 2. base model and adapter
     model, tokenizer = ak.load_base(opts.model, task="classification", label_names=labels, bits=opts.bits)
     ak.attach(model, opts.strategy, name=opts.name, **opts.adapter)
-    rank = int(os.environ.get("RANK", "0"))  # torchrun: save, publish and print from rank 0 only
-    if rank == 0:
-        print(ak.summary(model))
 
     # 3. train and evaluate; settings and over-long texts are checked before the first step
     metrics = ak.train(
@@ -89,10 +85,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
 
     # 4. save (and publish): once, from the first process when torchrun runs several
-    if rank != 0:
-        return {"rank": rank, **metrics}
-    folder = ak.save(model, f"{opts.output_dir}/adapter", name=opts.name)
+    if not metrics.trainer.is_world_process_zero():
+        return {"rank": metrics.trainer.args.process_index, **metrics}
     summary = ak.summary(model)
+    print(summary)
+    folder = ak.save(model, f"{opts.output_dir}/adapter", name=opts.name)
     results = {
         "model": opts.model, "strategy": opts.strategy, "bits": opts.bits,
         "dataset": source["dataset"] or source["train_file"], "eval_data": source["eval_data"],

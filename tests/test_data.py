@@ -12,6 +12,7 @@ import pytest
 from transformers import PreTrainedTokenizerFast
 
 import adapterkit.data as data
+from adapterkit.data import bundled
 from adapterkit.data import (
     check_lengths,
     data_dir,
@@ -126,6 +127,13 @@ def test_unparsable_file(tmp_path):
         load_table(write(tmp_path / "j.jsonl", '{"a": 1}\nnot json at all\n'))
 
 
+def test_empty_file_and_folder(tmp_path):
+    with pytest.raises(DataError, match=r"is empty \(0 bytes\)"):
+        load_table(write(tmp_path / "none.jsonl", ""))
+    with pytest.raises(DataError, match="is a folder; pass one data file"):
+        load_table(tmp_path)
+
+
 # --- load_table: Hub ids ----------------------------------------------------------------------
 def test_hub_unreachable_offline(monkeypatch):
     import huggingface_hub.constants
@@ -238,6 +246,31 @@ def test_hub_unreachable_for_real(hub_env, monkeypatch, tmp_path):
     msg = str(err.value)
     assert "Could not reach the Hugging Face Hub" in msg and "'me/anything'" in msg
     assert "Pass a local file" in msg and "HF_HUB_OFFLINE=1" in msg
+
+
+def test_invalid_hub_id_is_refused_before_any_request(monkeypatch):
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: pytest.fail("load_dataset was called"))
+    with pytest.raises(DataError, match="neither an existing path nor a valid Hub repo id"):
+        load_table("not a dataset id")
+    with pytest.raises(DataError, match="does not exist"):
+        load_table("data/train/part.csv")
+
+
+# --- sources of classification data -------------------------------------------------------------
+def test_a_bundled_name_beats_a_same_named_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "sst2").mkdir()
+    assert data.dataset_source("sst2").kind == "alias"
+    assert data.data_source(dataset="sst2")["eval_data"] == "sst2 (dev)"
+    assert data.data_source(dataset="owner/set")["eval_data"] == "owner/set (validation)"
+    with pytest.raises(DataError, match="does not exist"):
+        data.data_source(dataset="./nowhere")
+
+
+def test_a_local_file_as_dataset_says_to_pass_train_file(tmp_path):
+    path = write(tmp_path / "rows.csv", "text,label\na,0\nb,1\n")
+    with pytest.raises(DataError, match=r"is a local path.*train_file="):
+        data.classification_splits(dataset=path)
 
 
 # --- prepare_classification --------------------------------------------------------------------
@@ -389,6 +422,29 @@ def test_stratified_split_bad_size(toy, bad):
         stratified_split(toy, bad, seed=0)
 
 
+def test_stratified_split_keeps_rows_and_features(toy):
+    # Labels that are neither 0..n-1 nor a ClassLabel stay exactly as they were, features too.
+    odd = toy.map(lambda r: {"label": [5, 2, 9][r["label"]]})
+    train, test = stratified_split(odd, 0.2, seed=0)
+    assert Counter(test["label"][:]) == {5: 10, 2: 6, 9: 4} and train.features == odd.features
+    names = datasets.ClassLabel(names=["a", "b", "c"])
+    classes = toy.cast_column("label", names)
+    train, test = stratified_split(classes, 10, seed=3)
+    assert test.features["label"] == names and Counter(test["label"][:]) == {0: 5, 1: 3, 2: 2}
+    assert sorted(train["text"][:] + test["text"][:]) == sorted(toy["text"][:])
+
+
+def test_stratified_split_refuses_what_it_cannot_stratify(toy):
+    lonely = datasets.Dataset.from_dict({"text": list("abcde"), "label": [0, 0, 1, 1, 2]})
+    with pytest.raises(DataError, match=r"classes \[2\] have a single row"):
+        stratified_split(lonely, 2, seed=0)
+    with pytest.raises(DataError, match="each side needs at least 3 rows"):
+        stratified_split(toy, 2, seed=0)
+    with pytest.raises(DataError, match="each side needs at least 3 rows"):
+        data.subset(toy, 2, seed=0)
+    assert len(data.subset(toy, 3, seed=0)) == 3 and data.subset(toy, None, seed=0) is toy
+
+
 # --- check_lengths ----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def word_tokenizer():
@@ -460,14 +516,14 @@ def test_data_dir_walks_up(monkeypatch, tmp_path):
     deep = tmp_path / "main" / "sub"
     deep.mkdir(parents=True)
     monkeypatch.chdir(deep)
-    monkeypatch.setattr(data, "__file__", str(tmp_path / "elsewhere" / "data.py"))
+    monkeypatch.setattr(bundled, "__file__", str(tmp_path / "elsewhere" / "bundled.py"))
     assert data_dir() == tmp_path / "shared" / "data"
 
 
 def test_data_dir_not_found(monkeypatch, tmp_path):
     monkeypatch.delenv("ADAPTERKIT_DATA_DIR", raising=False)
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(data, "__file__", str(tmp_path / "pkg" / "data.py"))
+    monkeypatch.setattr(bundled, "__file__", str(tmp_path / "pkg" / "bundled.py"))
     if any((p / "shared" / "data").is_dir() for p in tmp_path.parents):
         pytest.skip("a shared/data folder sits above the temporary folder")
     with pytest.raises(DataError, match="Set ADAPTERKIT_DATA_DIR"):
@@ -547,3 +603,7 @@ def test_load_instructions_files(tmp_path):
         load_instructions(write(tmp_path / "bad.jsonl", '{"instruction": "x"\n'))
     with pytest.raises(DataError, match="Record 1 .* needs a non-empty 'instruction'"):
         load_instructions(write(tmp_path / "noinst.jsonl", '{"output": "x"}\n'))
+    as_list = load_instructions(write(tmp_path / "list.json", json.dumps(rows)))
+    assert as_list.to_list() == ds.to_list()
+    with pytest.raises(DataError, match="Record 2 .* has keys \\['instruction'\\]"):
+        load_instructions(write(tmp_path / "nooutput.jsonl", '{"instruction": "a", "output": "b"}\n{"instruction": "c"}\n'))

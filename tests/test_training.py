@@ -128,7 +128,7 @@ def test_head_training_on_cached_features_matches_full_forward(bert_tok):
 
 @pytest.mark.parametrize("side", ["right", "left"])
 def test_cached_backbone_returns_the_backbone_states_for_either_padding_side(side):
-    from adapterkit.features import CachedBackbone, compute_features
+    from adapterkit.training.features import CachedBackbone, compute_features
 
     backbone = fresh_bert().bert.eval()
     rows = [[2, 7, 8, 9, 3], [2, 5, 3], [2, 4, 4, 4, 4, 4, 3]]

@@ -158,7 +158,7 @@ def test_max_length_at_the_limit_is_accepted(tok):
 
 @pytest.mark.parametrize("spelling", ["python", "cli"])
 def test_setting_hints_follow_the_caller(tok, tmp_path, spelling):
-    from adapterkit.data import cli_spelling
+    from adapterkit.errors import cli_spelling
 
     model = bert_with_lora()
     with pytest.raises(ak.InvalidOptionError) as info:
@@ -244,7 +244,7 @@ def test_empty_prompt_is_fine(llama_tok):
 
 @pytest.mark.parametrize("spelling", ["python", "cli"])
 def test_over_long_text_with_error_policy(tok, tmp_path, spelling):
-    from adapterkit.data import cli_spelling
+    from adapterkit.errors import cli_spelling
 
     data = with_row({"text": " ".join(["w9"] * 40), "label": 0})
     model = bert_with_lora()

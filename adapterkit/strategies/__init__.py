@@ -1,7 +1,7 @@
 """Built-in strategies; importing this package registers them."""
 
 from adapterkit.strategies import full, head, lora, prefix  # noqa: F401  (registration side effect)
-from adapterkit.strategies.base import Strategy
+from adapterkit.strategy import Strategy
 from adapterkit.strategies.full import FullConfig, FullStrategy
 from adapterkit.strategies.head import HeadConfig, HeadStrategy
 from adapterkit.strategies.lora import LoraConfig, LoraStrategy

@@ -16,7 +16,7 @@ from torch import nn
 from adapterkit.config import AdapterConfig
 from adapterkit.errors import IncompatibleModelError
 from adapterkit.registry import register_strategy
-from adapterkit.strategies.base import Strategy
+from adapterkit.strategy import Strategy
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -28,9 +28,14 @@ class FullConfig(AdapterConfig):
 
 @register_strategy("full")
 class FullStrategy(Strategy):
-    """All parameters train; the saved adapter is the whole model's weights."""
+    """All parameters train; the saved adapter is the whole model's weights.
+
+    The adapter is the model itself: it cannot share a base, and an export is its weights.
+    """
 
     config_cls = FullConfig
+    merges_into_weights = True
+    default_learning_rate = 5e-5
     trains_label_head = False
     shares_base = False
     supports_quantized = False

@@ -17,11 +17,12 @@ import dataclasses
 
 from torch import nn
 
+from adapterkit import heads
 from adapterkit.config import AdapterConfig
 from adapterkit.errors import IncompatibleModelError
 from adapterkit.registry import register_strategy
 from adapterkit.state import get_store
-from adapterkit.strategies.base import Strategy
+from adapterkit.strategy import Strategy
 from adapterkit.targets import head_paths, layer_stacks, pooler_path
 
 
@@ -149,6 +150,8 @@ class HeadStrategy(Strategy):
     """Train only the task head (and pooler) on a frozen base."""
 
     config_cls = HeadConfig
+    merges_into_weights = True
+    default_learning_rate = 5e-3
     # The head *is* this strategy's adapter; the generic label-head copy would duplicate it.
     trains_label_head = False
 
@@ -158,7 +161,7 @@ class HeadStrategy(Strategy):
     def attach(self, model: nn.Module, config: HeadConfig, name: str) -> None:
         paths = chosen_paths(model, config)
         _check_nesting(model, paths)
-        for copy in get_store(model).add_head_copies(model, name, paths).values():
+        for copy in heads.copy_heads(model, get_store(model), name, paths).values():
             _plain_layers(copy)
 
     def activate(self, model: nn.Module, name: str | None) -> None:
@@ -173,8 +176,4 @@ class HeadStrategy(Strategy):
         return trained <= set(head_paths(model)) | {pooler_path(model)}
 
     def parameters(self, model: nn.Module, name: str) -> dict[str, nn.Parameter]:
-        return {
-            f"{path}.{pname}": p
-            for path, module in get_store(model).heads.get(name, {}).items()
-            for pname, p in module.named_parameters()
-        }
+        return heads.parameters(get_store(model), name)

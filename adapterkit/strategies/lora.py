@@ -12,21 +12,23 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
-from adapterkit import routing
+from adapterkit import heads, routing
 from adapterkit.compat import peft as peft_compat
 from adapterkit.config import AdapterConfig
 from adapterkit.errors import IncompatibleModelError
 from adapterkit.registry import register_strategy
 from adapterkit.state import get_store
-from adapterkit.strategies.base import Strategy
+from adapterkit.strategy import Strategy
+from adapterkit.io import write_safetensors
+from adapterkit.model_info import base_model_id
 from adapterkit.targets import linear_layer_names
-
-PEFT_PREFIX = "base_model.model."
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -106,6 +108,8 @@ def _compact(model: nn.Module, names: list[str]) -> list[str]:
     return suffixes if matched == set(names) else sorted(names)
 
 
+# peft is imported inside the functions that use it: it pulls in bitsandbytes and takes about
+# 4 s, which `import adapterkit` (the CLI's --help, a server's start) should not pay up front.
 def _lora_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     from peft.tuners.lora import LoraLayer
 
@@ -123,8 +127,8 @@ def _extend_existing_layers(
     each layer's own ``update_layer`` (what peft calls for an existing LoRA layer) does the same work
     without the walk. Anything unusual (other targets, patterns, other adapter types) takes peft's path.
     """
-    from peft.tuners.lora import LoraLayer
     from peft.tuners.lora import LoraConfig as PeftLoraConfig
+    from peft.tuners.lora import LoraLayer
 
     configs = getattr(model, "peft_config", None)
     if not layers or not isinstance(configs, dict) or name in configs:
@@ -190,6 +194,35 @@ def _row_plan(layer: nn.Module, rows: tuple[str | None, ...]):
     }
 
 
+class _ActiveAdapter:
+    """``_active_adapter`` of a routed peft layer: the context's choice, else the layer's own."""
+
+    def __get__(self, layer: nn.Module | None, owner: type) -> Any:
+        if layer is None:
+            return self
+        own = layer.__dict__.get(peft_compat.ACTIVE_ADAPTER_ATTR, [])
+        route = routing.route_of(layer)
+        if route is None or route.rows is not None:  # a per-row forward names its adapters itself
+            return own
+        return [route.name] if route.name is not None else []
+
+    def __set__(self, layer: nn.Module, value: Any) -> None:
+        layer.__dict__[peft_compat.ACTIVE_ADAPTER_ATTR] = value
+
+
+def _routed_namespace(cls: type) -> dict[str, Any]:
+    def forward(self, x, *args, **kwargs):
+        route = routing.route_of(self)
+        if route is None or route.rows is None or "adapter_names" in kwargs:
+            return cls.forward(self, x, *args, **kwargs)
+        return per_row_forward(self, cls, route, x, *args, **kwargs)
+
+    return {peft_compat.ACTIVE_ADAPTER_ATTR: _ActiveAdapter(), "forward": forward}
+
+
+routing.register_kind("lora", _routed_namespace)
+
+
 def per_row_forward(layer: nn.Module, cls: type, route: routing.Route, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     """``layer``'s forward for a route with one LoRA adapter per batch row."""
     rows = route.rows
@@ -221,7 +254,13 @@ class LoraStrategy(Strategy):
     """LoRA through peft, injected in place; files in peft's format."""
 
     config_cls = LoraConfig
-    supports_mixed_batch = True
+    merges_into_weights = True
+    default_learning_rate = 2e-3
+    peft_type = "LORA"
+
+    def check_mixed_batch(self, config: AdapterConfig) -> None:
+        if getattr(config, "use_dora", False):
+            raise IncompatibleModelError("This adapter uses DoRA, which peft cannot run in a mixed batch; run it alone with adapterkit.use().")
 
     def check_model(self, model: nn.Module, config: LoraConfig) -> None:
         resolve_targets(model, config.target_modules)
@@ -245,8 +284,6 @@ class LoraStrategy(Strategy):
         )
 
     def attach(self, model: nn.Module, config: LoraConfig, name: str) -> None:
-        import warnings
-
         import peft
 
         names = resolve_targets(model, config.target_modules)
@@ -265,7 +302,7 @@ class LoraStrategy(Strategy):
         store.extra["lora_layers"] = _lora_layers(model)
         for _, layer in store.extra["lora_layers"]:
             peft_compat.enable_adapter_layer(layer)
-            routing.route_lora_layer(layer, store, per_row_forward)
+            routing.reroute(layer, store, "lora")
 
     def activate(self, model: nn.Module, name: str | None) -> None:
         # Not peft's set_adapter: it also flips requires_grad and slows with each adapter loaded.
@@ -294,10 +331,10 @@ class LoraStrategy(Strategy):
                     continue
                 item = container[name]
                 if isinstance(item, nn.Parameter):
-                    params[f"{PEFT_PREFIX}{path}.{attr}"] = item
+                    params[f"{heads.PEFT_PREFIX}{path}.{attr}"] = item
                     continue
                 for pname, p in item.named_parameters():
-                    key = f"{PEFT_PREFIX}{path}.{attr}.{pname}"
+                    key = f"{heads.PEFT_PREFIX}{path}.{attr}.{pname}"
                     # peft saves DoRA's magnitude without the ".weight" of its module.
                     if attr == "lora_magnitude_vector" and key.endswith(".weight"):
                         key = key[: -len(".weight")]
@@ -305,20 +342,18 @@ class LoraStrategy(Strategy):
         return params
 
     def write_files(self, model: nn.Module, name: str, folder: Path, head: dict[str, torch.Tensor]) -> None:
-        from adapterkit.artifacts import base_model_id, write_safetensors
-
+        # peft's own files: the label head rides along as modules_to_save, under peft's key prefix.
         peft_cfg = get_store(model).extra["lora_peft_config"][name]
         peft_cfg = dataclasses.replace(peft_cfg)
         peft_cfg.inference_mode = True
         peft_cfg.base_model_name_or_path = base_model_id(model)
-        heads = sorted({path.rsplit(".", 1)[-1] for path in get_store(model).heads.get(name, {})})
-        peft_cfg.modules_to_save = heads or None
+        peft_cfg.modules_to_save = heads.modules_to_save(get_store(model), name)
         if isinstance(peft_cfg.target_modules, (set, frozenset)):
             # A set's order differs between processes; sorted, one adapter always has the same bytes.
             peft_cfg.target_modules = sorted(peft_cfg.target_modules)
         peft_cfg.save_pretrained(str(folder))
         tensors = dict(self.state_dict(model, name))
-        tensors.update({PEFT_PREFIX + k: v for k, v in head.items()})
+        tensors.update({heads.PEFT_PREFIX + k: v for k, v in head.items()})
         write_safetensors(folder / "adapter_model.safetensors", tensors, metadata={"format": "pt"})
 
     def config_from_files(self, folder: Path) -> LoraConfig | None:

@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers import DynamicCache, EncoderDecoderCache
 
 from adapterkit import routing
 from adapterkit.compat import transformers as transformers_compat
@@ -41,7 +42,10 @@ from adapterkit.config import AdapterConfig
 from adapterkit.errors import AdapterMismatchError, IncompatibleModelError
 from adapterkit.registry import register_strategy
 from adapterkit.state import get_store
-from adapterkit.strategies.base import Strategy
+from adapterkit.strategy import Strategy
+from adapterkit.heads import PEFT_PREFIX, modules_to_save
+from adapterkit.io import write_safetensors
+from adapterkit.model_info import base_model_id
 from adapterkit.targets import backbone_name
 
 _ACTIVE = "prefix_active"
@@ -224,8 +228,9 @@ def _routed_encoder(store) -> PrefixEncoder | None:
 
 
 def _call_inputs(store, args: tuple, kwargs: dict[str, Any]):
-    """``(prefix, args, kwargs, reference tensor, cache)`` of a forward call a prefix hook rewrites,
-    or None when no prefix applies or the call has neither ``input_ids`` nor ``inputs_embeds``."""
+    """``(prefix, args, kwargs, reference tensor, cache, batch, length)`` of a forward call a prefix
+    hook rewrites, or None when no prefix applies or the call has neither ``input_ids`` nor
+    ``inputs_embeds``."""
     encoder = _routed_encoder(store)
     if encoder is None:
         return None
@@ -241,19 +246,15 @@ def _call_inputs(store, args: tuple, kwargs: dict[str, Any]):
     cache = kwargs.get(cache_arg)
     if cache is None and cache_arg != "past_key_values":
         cache = kwargs.pop("past_key_values", None)
-    return encoder, args, kwargs, reference, cache
+    return (encoder, args, kwargs, reference, cache, *reference.shape[:2])
 
 
 def _prefix_pre_hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]):
     call = _call_inputs(get_store(module), args, kwargs)
     if call is None:
         return None
-    from transformers import DynamicCache
-
-    encoder, args, kwargs, reference, cache = call
-    batch, length = reference.shape[:2]
-    g = encoder.geometry
-    p = encoder.embedding.num_embeddings
+    encoder, args, kwargs, reference, cache, batch, length = call
+    g, p = encoder.geometry, encoder.embedding.num_embeddings
     # generate() counts positions without the prefix; the model, fed the prefix as cached
     # tokens, counts them (a plain forward starts at P), so explicit positions shift by P.
     for key in ("cache_position", "position_ids"):
@@ -261,9 +262,7 @@ def _prefix_pre_hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]):
             kwargs[key] = kwargs[key] + p
     if cache is None or cache.get_seq_length() == 0:
         cache = cache if cache is not None else DynamicCache(config=module.config)
-        dtype = module.get_input_embeddings().weight.dtype
-        if not dtype.is_floating_point:
-            dtype = torch.float32
+        dtype = _prefix_dtype(module, reference)
         for layer, (key, value) in enumerate(encoder.key_values(batch, dtype)):
             cache.update(key.to(reference.device), value.to(reference.device), layer)
     past = cache.get_seq_length()  # the prefix plus, during generation, earlier tokens
@@ -272,9 +271,20 @@ def _prefix_pre_hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]):
     if mask is None:
         mask = torch.ones(batch, past + length, dtype=torch.long, device=reference.device)
     elif mask.shape[1] + p == past + length:  # the caller's mask does not know the prefix
-        mask = torch.cat([torch.ones(batch, p, dtype=mask.dtype, device=mask.device), mask], dim=1)
+        mask = _attend_prefix(mask, p)
     kwargs["attention_mask"] = mask
     return args, kwargs
+
+
+def _prefix_dtype(module: nn.Module, reference: torch.Tensor) -> torch.dtype:
+    """The dtype the prefix enters the cache in: the embeddings' (float32 for quantized ones)."""
+    dtype = reference.dtype if reference.is_floating_point() else module.get_input_embeddings().weight.dtype
+    return dtype if dtype.is_floating_point else torch.float32
+
+
+def _attend_prefix(mask: torch.Tensor, p: int) -> torch.Tensor:
+    """A padding mask (batch x length) with ``p`` attended positions in front, for the prefix."""
+    return torch.cat([torch.ones(mask.shape[0], p, dtype=mask.dtype, device=mask.device), mask], dim=1)
 
 
 # --- encoder-decoder models -----------------------------------------------------------------------
@@ -310,8 +320,6 @@ def _encoder_attention_hook(store, cache_kw: str, mask_kw: str, module: nn.Modul
     encoder = pinned[store.key] if store.key in pinned else _routed_encoder(store)
     if encoder is None:
         return None
-    from transformers import DynamicCache
-
     hidden = args[0] if args else kwargs["hidden_states"]
     key, value = encoder.layer_key_value(module.layer_idx, hidden.shape[0], hidden.dtype)
     # The encoder passes no cache; a one-layer cache holding the prefix makes the layer attend to
@@ -338,12 +346,8 @@ def _decoder_hook(store, module: nn.Module, args: tuple, kwargs: dict):
     call = _call_inputs(store, args, kwargs)
     if call is None:
         return None
-    from transformers import DynamicCache, EncoderDecoderCache
-
-    encoder, args, kwargs, reference, cache = call
-    batch, length = reference.shape[:2]
-    g = encoder.geometry
-    p = encoder.embedding.num_embeddings
+    encoder, args, kwargs, reference, cache, batch, length = call
+    g, p = encoder.geometry, encoder.embedding.num_embeddings
     if cache is None:
         cache = EncoderDecoderCache(DynamicCache(), DynamicCache())
     elif not isinstance(cache, EncoderDecoderCache):
@@ -352,9 +356,7 @@ def _decoder_hook(store, module: nn.Module, args: tuple, kwargs: dict):
             f"was given a {type(cache).__name__}. Pass an EncoderDecoderCache, or none."
         )
     if cache.get_seq_length() == 0:
-        dtype = reference.dtype if reference.is_floating_point() else module.get_input_embeddings().weight.dtype
-        if not dtype.is_floating_point:
-            dtype = torch.float32
+        dtype = _prefix_dtype(module, reference)
         encoder_layers, decoder_layers = g.parts
         for i in range(decoder_layers):
             key, value = encoder.layer_key_value(encoder_layers + i, batch, dtype)
@@ -368,8 +370,7 @@ def _decoder_hook(store, module: nn.Module, args: tuple, kwargs: dict):
     kwargs[g.cache_arg] = cache
     mask = kwargs.get("attention_mask")
     if mask is not None and mask.shape[1] + p == cache.get_seq_length() + length:
-        mask = torch.cat([torch.ones(batch, p, dtype=mask.dtype, device=mask.device), mask], dim=1)
-        kwargs["attention_mask"] = mask
+        kwargs["attention_mask"] = _attend_prefix(mask, p)
     return args, kwargs
 
 
@@ -394,6 +395,8 @@ class PrefixStrategy(Strategy):
     """Prefix tuning fed through the model's KV cache."""
 
     config_cls = PrefixConfig
+    default_learning_rate = 1e-2
+    peft_type = "PREFIX_TUNING"
     identity_at_init = False
 
     def check_model(self, model: nn.Module, config: PrefixConfig) -> None:
@@ -442,8 +445,6 @@ class PrefixStrategy(Strategy):
         return {"prompt_embeddings": get_store(model).extra[_ENCODERS][name].embedding.weight}
 
     def write_files(self, model: nn.Module, name: str, folder: Path, head: dict[str, torch.Tensor]) -> None:
-        from adapterkit.artifacts import base_model_id, write_safetensors
-
         encoder = get_store(model).extra[_ENCODERS][name]
         g = encoder.geometry
         if g.parts:
@@ -472,12 +473,12 @@ class PrefixStrategy(Strategy):
             "prefix_projection": False,
             "inference_mode": True,
             "base_model_name_or_path": base_model_id(model),
-            "modules_to_save": sorted({path.rsplit(".", 1)[-1] for path in get_store(model).heads.get(name, {})}) or None,
+            "modules_to_save": modules_to_save(get_store(model), name),
         }
         tmp = folder / "adapter_config.json"
         tmp.write_text(json.dumps(peft_config, indent=2, sort_keys=True))
         tensors = {"prompt_embeddings": encoder.embedding.weight.detach()}
-        tensors.update({"base_model.model." + k: v for k, v in head.items()})
+        tensors.update({PEFT_PREFIX + k: v for k, v in head.items()})
         write_safetensors(folder / "adapter_model.safetensors", tensors, metadata={"format": "pt"})
 
     def check_state_dict(self, model: nn.Module, name: str, tensors: dict[str, torch.Tensor]) -> None:

@@ -15,6 +15,8 @@ import torch
 from torch import nn
 
 from adapterkit.config import AdapterConfig
+from adapterkit.errors import AdapterMismatchError, IncompatibleModelError
+from adapterkit.io import write_safetensors
 
 
 class Strategy:
@@ -35,13 +37,28 @@ class Strategy:
     supports_quantized: ClassVar[bool] = True
     #: Whether a freshly attached adapter leaves the model's outputs unchanged.
     identity_at_init: ClassVar[bool] = True
-    #: Whether rows of one batch can go through different adapters of this strategy.
-    supports_mixed_batch: ClassVar[bool] = False
+    #: Whether :func:`adapterkit.export` can fold an adapter of this strategy into the base's weights.
+    merges_into_weights: ClassVar[bool] = False
+    #: Learning rate training uses when the caller sets none.
+    default_learning_rate: ClassVar[float] = 1e-3
+    #: peft's ``peft_type`` of the plain peft folders this strategy reads (``"LORA"``), or None.
+    peft_type: ClassVar[str | None] = None
 
     def backbone_frozen(self, model: nn.Module, name: str) -> bool:
         """Whether adapter ``name`` leaves the whole backbone untouched (then training may cache
         the backbone's outputs and run it once per example)."""
         return False
+
+    def check_mixed_batch(self, config: AdapterConfig) -> None:
+        """Raise :class:`~adapterkit.errors.IncompatibleModelError` unless rows of one batch can go
+        through different adapters of this strategy configured as ``config``; the default refuses.
+
+        A strategy that accepts makes its layers follow a per-row :class:`adapterkit.routing.Route`.
+        """
+        raise IncompatibleModelError(
+            f"'{self.name}' adapters cannot share a batch with other adapters; "
+            "run them alone with adapterkit.use()."
+        )
 
     def check_model(self, model: nn.Module, config: AdapterConfig) -> None:
         """Raise :class:`~adapterkit.errors.IncompatibleModelError` if the model can't take this strategy."""
@@ -94,8 +111,6 @@ class Strategy:
         The default writes ``adapter.safetensors``; peft-backed strategies override it to
         write peft's own files.
         """
-        from adapterkit.artifacts import write_safetensors
-
         write_safetensors(folder / "adapter.safetensors", {**self.state_dict(model, name), **head})
 
     def config_from_files(self, folder: Path) -> AdapterConfig | None:
@@ -104,8 +119,6 @@ class Strategy:
 
 
 def _check_exact(expected: dict[str, tuple[int, ...]], tensors: dict[str, torch.Tensor], strategy: str) -> None:
-    from adapterkit.errors import AdapterMismatchError
-
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     if missing or unexpected:

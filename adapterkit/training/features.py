@@ -16,6 +16,7 @@ from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from adapterkit.targets import backbone_name
 
@@ -37,8 +38,6 @@ class CachedBackbone(nn.Module):
         self.pad_id = pad_id
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
-        from transformers.modeling_outputs import BaseModelOutputWithPooling
-
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         masks = attention_mask.tolist()
