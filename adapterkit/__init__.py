@@ -27,9 +27,12 @@ from adapterkit.api import (
 )
 from adapterkit.artifacts import save
 from adapterkit.base_model import load_base
+from adapterkit.compose import compose
 from adapterkit.evaluate import evaluate_classifier, evaluate_label_words
 from adapterkit.export import ExportReport, export
 from adapterkit.hub import publish
+from adapterkit.merge import merge
+from adapterkit.serve.pool import AdapterPool
 from adapterkit.config import AdapterConfig
 from adapterkit.errors import (
     AdapterExistsError,
@@ -42,6 +45,7 @@ from adapterkit.errors import (
     IncompatibleModelError,
     InvalidOptionError,
     ModelNotAvailableError,
+    PoolFullError,
     StrategyImportError,
     UnknownStrategyError,
 )
@@ -52,6 +56,7 @@ from adapterkit.strategies import FullConfig, HeadConfig, LoraConfig, PrefixConf
 
 
 __all__ = [
+    "AdapterPool",
     "AdapterConfig",
     "AdapterExistsError",
     "AdapterFormatError",
@@ -68,6 +73,7 @@ __all__ = [
     "InvalidOptionError",
     "LoraConfig",
     "ModelNotAvailableError",
+    "PoolFullError",
     "ModelSummary",
     "PrefixConfig",
     "Registry",
@@ -76,6 +82,7 @@ __all__ = [
     "StrategyImportError",
     "UnknownStrategyError",
     "attach",
+    "compose",
     "detach",
     "evaluate_classifier",
     "evaluate_label_words",
@@ -87,6 +94,7 @@ __all__ = [
     "list_strategies",
     "load",
     "load_base",
+    "merge",
     "mixed_batch",
     "publish",
     "register_strategy",

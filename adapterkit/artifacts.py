@@ -92,7 +92,8 @@ def _card(sidecar: dict[str, Any]) -> str:
     data = ModelCardData(
         base_model=_card_base_model(sidecar["base_model"].get("id")),
         library_name="adapterkit",
-        tags=["adapterkit", sidecar["strategy"], *(["peft"] if sidecar["files"][0] == "adapter_model.safetensors" else [])],
+        tags=["adapterkit", sidecar["strategy"], *(["peft"] if sidecar["files"][0] == "adapter_model.safetensors" else []),
+              *(["merged"] if sidecar.get("merge") else [])],
         metrics=sorted(k for k, v in metrics.items() if isinstance(v, (int, float))) or None,
     )
     lines = [
@@ -104,6 +105,7 @@ def _card(sidecar: dict[str, Any]) -> str:
         "",
         "Options: " + ", ".join(f"`{k}={v}`" for k, v in sidecar["options"].items()) if sidecar["options"] else "Options: defaults",
     ]
+    lines += _merge_lines(sidecar.get("merge"))
     if metrics:
         lines += ["", "| metric | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in metrics.items()]
     lines += [
@@ -117,6 +119,26 @@ def _card(sidecar: dict[str, Any]) -> str:
         "```",
     ]
     return ModelCard.from_template(data, template_str="---\n{{ card_data }}\n---\n\n" + "\n".join(lines) + "\n").content
+
+
+def _merge_lines(merge: Any) -> list[str]:
+    """The card's "Merged from" section for an adapter made by ``ak.merge`` / ``ak.compose``."""
+    if not isinstance(merge, dict):
+        return []
+    extra = ", ".join(f"{k} {merge[k]}" for k in ("density", "r", "seed") if merge.get(k) is not None)
+    lines = ["", "## Merged from", "", f"Method: `{merge.get('method')}`" + (f" ({extra})" if extra else ""), "",
+             "| adapter | weight | source | sha256 |", "|---|---|---|---|"]
+    for c in merge.get("components") or []:
+        digest = (c.get("content_hash") or c.get("weights_sha256") or "")[:12]
+        lines.append(f"| {c.get('name')} | {c.get('weight')} | {c.get('source') or '-'} | {digest} |")
+    search = merge.get("search")
+    if isinstance(search, dict):
+        skipped = ", ".join(str(x.get("candidate")) for x in search.get("skipped") or []) or "none"
+        lines += ["", f"Composed from {search.get('examples')} labelled examples (sha256 "
+                      f"{str(search.get('examples_sha256'))[:12]}) by {search.get('optimizer')}: loss "
+                      f"{search.get('loss', float('nan')):.4f} (base model {search.get('base_loss', float('nan')):.4f}) "
+                      f"after {search.get('evaluations')} evaluations; skipped: {skipped}."]
+    return lines
 
 
 def save(
@@ -192,6 +214,8 @@ def save(
             "head_modules": sorted(store.heads.get(name, {})) if impl.trains_label_head else [],
             "metrics": merged_metrics,
             "recipe": recipe,
+            # only when present: adapters that are not merges keep byte-identical sidecars
+            **({"merge": record.meta["merge"]} if record.meta.get("merge") else {}),
             "files": [weight_file] if weight_file else files,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         }
@@ -356,7 +380,10 @@ def content_hash(folder: Path) -> str:
     """
     folder = Path(folder)
     sidecar = _require_sidecar(folder)
-    manifest = _verified_manifest(folder, sidecar, enforce_card=False)
+    return _manifest_hash(_verified_manifest(folder, sidecar, enforce_card=False))
+
+
+def _manifest_hash(manifest: dict[str, dict[str, Any]]) -> str:
     ident = {rel: entry["sha256"] for rel, entry in sorted(manifest.items()) if rel not in EDITABLE_FILES}
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
 
@@ -431,6 +458,7 @@ def _sidecar_problems(data: dict[str, Any]) -> list[str]:
     expect("head_modules", _is_str_list(get("head_modules")), "a list of module paths")
     expect("metrics", isinstance(get("metrics"), dict), "an object")
     expect("recipe", get("recipe") is None or isinstance(get("recipe"), dict), "an object or null")
+    expect("merge", get("merge") is None or isinstance(get("merge"), dict), "an object or null")
     expect("files", _is_str_list(get("files")), "a list of file names")
     manifest = get("manifest")
     expect("manifest", isinstance(manifest, dict), "an object of files")
@@ -593,6 +621,8 @@ class SavedAdapter:
             "recipe": sidecar.get("recipe"),
             "quantization": sidecar.get("quantization"),
             "base_fingerprint": sidecar.get("base_model", {}).get("fingerprint"),
+            "merge": sidecar.get("merge"),
+            "content_hash": _manifest_hash(sidecar["manifest"]) if isinstance(sidecar.get("manifest"), dict) else None,
         }
         return {k: v for k, v in meta.items() if v is not None}
 

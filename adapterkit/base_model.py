@@ -98,9 +98,15 @@ def load_base(
             num_labels = num_labels or len(label_names)
             if num_labels != len(label_names):
                 raise InvalidOptionError(f"num_labels={num_labels} but {len(label_names)} label_names were given.")
+        has_head = any(a.endswith("ForSequenceClassification") for a in (getattr(config, "architectures", None) or []))
+        if num_labels is None and has_head:
+            # A trained classifier loads as it is: its own head and label names.
+            num_labels = config.num_labels
+            saved = getattr(config, "id2label", None) or {}
+            if label_names is None and len(saved) == num_labels:
+                label_names = [str(saved[i]) for i in sorted(saved, key=int)]
         num_labels = num_labels or 2
         label_names = label_names or [f"LABEL_{i}" for i in range(num_labels)]
-        has_head = any(a.endswith("ForSequenceClassification") for a in (getattr(config, "architectures", None) or []))
         if has_head and getattr(config, "num_labels", num_labels) != num_labels:
             # A classifier for another label set: keep the body, start a new head.
             logger.info("%s has a %d-way head; starting a new %d-way one.", name_or_path, config.num_labels, num_labels)

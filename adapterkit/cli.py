@@ -25,6 +25,7 @@ from adapterkit.hub import download
 from adapterkit.models import EMBEDDED_MODELS
 from adapterkit.options import read_config
 from adapterkit.prompting import PromptTemplate
+from adapterkit.serve import add_parser as add_serve_parser
 from adapterkit.sources import resolve_source
 
 
@@ -345,6 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bits", type=int, default=None, choices=[4, 8])
     p.add_argument("--strategies", nargs="+", default=["lora", "prefix", "head", "full"])
     p.set_defaults(func=_cmd_demo)
+    add_serve_parser(sub)
     return parser
 
 

@@ -62,6 +62,10 @@ class DataError(AdapterKitError, ValueError):
     """Training or evaluation data is missing, empty or does not match the task."""
 
 
+class PoolFullError(AdapterKitError, RuntimeError):
+    """Every slot of an :class:`adapterkit.AdapterPool` holds an adapter that is pinned or in use."""
+
+
 def did_you_mean(name: str, choices: Iterable[str]) -> str:
     """Return ``" Did you mean 'x'?"`` for the closest choice, or an empty string."""
     match = difflib.get_close_matches(name, sorted(choices), n=1, cutoff=0.6)

@@ -462,3 +462,19 @@ def test_hint_for_a_path_that_does_not_exist(tmp_path):
         transformers.AutoConfig.from_pretrained(missing)
     msg = str(hub_error_hint(missing, info.value))
     assert msg.startswith(f"Cannot load base model {missing!r}: no such file or folder exists")
+
+
+def test_a_trained_classifier_loads_with_its_own_head_and_labels(tmp_path):
+    from tests.tiny import save_tiny
+
+    folder = save_tiny("bert", tmp_path / "clf", id2label={0: "neg", 1: "neutral", 2: "pos"},
+                       label2id={"neg": 0, "neutral": 1, "pos": 2})
+    model, tok = ak.load_base(folder, task="classification")
+    own = transformers.AutoModelForSequenceClassification.from_pretrained(folder)
+    batch = tok(["w3 w4 w5"], return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).logits, own(**batch).logits)
+    assert model.config.num_labels == 3 and model.config.id2label == {0: "neg", 1: "neutral", 2: "pos"}
+    # asking for another label set still starts a new head
+    other, _ = ak.load_base(folder, task="classification", num_labels=2)
+    assert other.config.num_labels == 2
