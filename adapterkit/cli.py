@@ -243,10 +243,16 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             )
         model, tokenizer = _load_recorded_base(model_id, task="causal-lm")
         ak.load(model, str(folder))
-        template = PromptTemplate(instruction=recipe.get("instruction") or PromptTemplate().instruction)
-        metrics = evaluate_label_words(model, tokenizer, table, words, template=template, show_progress=progress)
+        # Scored as the recipe trained and evaluated it: plain prompts, its recorded calibration.
+        template = PromptTemplate(instruction=recipe.get("instruction") or PromptTemplate().instruction, chat=False)
+        calibration = recipe.get("calibration", "contextual")
+        calibration = None if str(calibration).lower() in ("none", "false", "") else calibration
+        metrics = evaluate_label_words(model, tokenizer, table, words, template=template, calibration=calibration,
+                                       show_progress=progress)
     print(f"adapter   {args.adapter}\ndataset   {args.dataset} ({args.split}, {len(table)} rows)")
     print(f"accuracy  {metrics['accuracy']:.4f}\nmacro_f1  {metrics['macro_f1']:.4f}")
+    if metrics.get("class_shares") is not None:
+        print("shares    [" + ", ".join(f"{x:.2f}" for x in metrics["class_shares"]) + "]")
     return 0
 
 

@@ -4,7 +4,8 @@
 two functions, so a number means the same wherever it is printed. Both read the columns
 :func:`adapterkit.data.prepare_classification` writes (``text``, optional ``text_pair``,
 ``label``), the same ones :func:`adapterkit.train` reads; both return
-:func:`adapterkit.metrics.classification_metrics` plus ``rows`` and ``seconds``.
+:func:`adapterkit.metrics.classification_metrics` plus ``rows`` and ``seconds`` (the label-word
+evaluator also the share of each predicted class, and the raw scores' metrics when calibrated).
 (Training-time evaluation stays in ``ak.train``, on Trainer's own loop.)
 """
 
@@ -20,7 +21,14 @@ from tqdm.auto import tqdm
 
 from adapterkit.errors import DataError, InvalidOptionError
 from adapterkit.metrics import classification_metrics
-from adapterkit.prompting import PromptTemplate, evaluation_mode, predict_by_generation, predict_by_scoring
+from adapterkit.prompting import (
+    CONTENT_FREE,
+    Calibration,
+    PromptTemplate,
+    evaluation_mode,
+    predict_by_generation,
+    score_texts,
+)
 
 Rows = datasets.Dataset | Sequence[dict[str, Any]] | dict[str, Sequence[Any]]
 
@@ -104,30 +112,42 @@ def evaluate_label_words(
     template: PromptTemplate | None = None,
     examples: Sequence[tuple[str, str]] = (),
     method: Literal["scoring", "generation"] = "scoring",
+    calibration: Calibration = "contextual",
+    content_free: Sequence[str] = CONTENT_FREE,
+    reuse_prefix: bool = True,
     batch_size: int = 8,
     max_length: int = 1024,
     max_new_tokens: int = 5,
     show_progress: bool = False,
-) -> dict[str, float]:
+) -> dict[str, Any]:
     """Accuracy and macro-F1 of a causal LM that answers each row's prompt with a label word.
 
     Args:
         model: A causal LM (with or without an adapter), on any device.
-        tokenizer: Its tokenizer.
+        tokenizer: Its tokenizer (its chat template is used when it has one, unless
+            ``template.chat`` is False).
         rows: Columns ``text`` and ``label``; label ``i`` is ``label_words[i]``.
         label_words: One word per class, in class-id order.
         template: Renders each text into a prompt (default: ``PromptTemplate()``).
-        examples: (text, label word) in-context examples put before every text.
+        examples: (text, label word) in-context examples put before every text; encoded once and
+            their KV cache reused for every row (``reuse_prefix=False`` re-encodes them per row).
         method: ``"scoring"`` picks the most likely label word
-            (:func:`~adapterkit.prompting.predict_by_scoring`); ``"generation"`` generates greedily
+            (:func:`~adapterkit.prompting.score_texts`); ``"generation"`` generates greedily
             and takes the first label word in the answer (none found counts as wrong).
-        batch_size: Prompts per forward pass.
-        max_length: Scoring keeps the last ``max_length`` prompt tokens.
+        calibration: Scoring only: ``"contextual"`` divides out the label-word prior measured on
+            the ``content_free`` inputs; None scores raw.
+        content_free: The content-free inputs for calibration.
+        reuse_prefix: Scoring only: reuse the KV cache of the shared instruction and examples.
+        batch_size: Prompts per forward pass (scoring batches rows of similar length).
+        max_length: Scoring keeps the last ``max_length`` tokens of each row's own part.
         max_new_tokens: Generation's answer length.
         show_progress: A tqdm bar over the batches.
 
     Returns:
-        ``{"accuracy", "macro_f1", "rows", "seconds"}``.
+        ``{"accuracy", "macro_f1", "class_shares", "rows", "seconds"}``, where ``class_shares[i]`` is
+        the share of rows predicted as class ``i`` (a collapse to one class shows as a share of 1.0;
+        generation's answers with no label word are the remainder). Calibrated scoring adds
+        ``raw_accuracy``, ``raw_macro_f1`` and ``raw_class_shares`` of the uncalibrated scores.
     """
     if method not in ("scoring", "generation"):
         raise InvalidOptionError(f"method must be 'scoring' or 'generation', got {method!r}.")
@@ -140,14 +160,29 @@ def evaluate_label_words(
             f"classes 0..{len(label_words) - 1}. Pass one label word per class."
         )
     template = template or PromptTemplate()
-    prompts = [template.render(text, examples) for text in table["text"][:]]
-    if method == "scoring":
-        predict, options = predict_by_scoring, {"max_length": max_length}
-    else:
-        predict, options = predict_by_generation, {"max_new_tokens": max_new_tokens}
+    texts = table["text"][:]
     started = time.perf_counter()
-    preds: list[int] = []
-    with evaluation_mode(model):
-        for batch in _batches(len(prompts), batch_size, show_progress=show_progress, desc=f"evaluate ({method})"):
-            preds += predict(model, tokenizer, prompts[batch], label_words, batch_size=batch_size, **options)
-    return _result(preds, labels, len(label_words), started)
+    if method == "generation":
+        prefix, queries = template.split(tokenizer, texts, examples)
+        prompts = [prefix + query for query in queries]
+        preds: list[int] = []
+        with evaluation_mode(model):
+            for batch in _batches(len(prompts), batch_size, show_progress=show_progress, desc="evaluate (generation)"):
+                preds += predict_by_generation(model, tokenizer, prompts[batch], label_words, batch_size=batch_size,
+                                               max_new_tokens=max_new_tokens)
+        return _label_word_result(preds, labels, len(label_words), started)
+    scores = score_texts(
+        model, tokenizer, texts, label_words, template=template, examples=examples, calibration=calibration,
+        content_free=content_free, reuse_prefix=reuse_prefix, batch_size=batch_size, max_length=max_length,
+        show_progress=show_progress,
+    )
+    result = _label_word_result(scores.predictions(), labels, len(label_words), started)
+    if scores.calibrated is not None:
+        raw = _label_word_result(scores.raw.argmax(-1).tolist(), labels, len(label_words), started)
+        result.update({f"raw_{key}": raw[key] for key in ("accuracy", "macro_f1", "class_shares")})
+    return result
+
+
+def _label_word_result(preds: list[int], labels: list[int], num_labels: int, started: float) -> dict[str, Any]:
+    shares = [sum(p == c for p in preds) / len(preds) for c in range(num_labels)]
+    return {**_result(preds, labels, num_labels, started), "class_shares": shares}

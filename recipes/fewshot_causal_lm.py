@@ -43,6 +43,7 @@ class Options:
     instruction: str = "Classify the sentiment of the following text."
     k: int = 16                         # training examples per class
     predict: str = "scoring"            # or "generation"
+    calibration: str | None = "contextual"  # of the label-word scores at evaluation; none: raw
     learning_rate: float | None = None
     num_epochs: float = 5.0
     batch_size: int = 8
@@ -74,7 +75,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     words = opts.label_words or [name.lower() for name in labels]
     if len(words) != len(labels):
         raise ak.InvalidOptionError(f"{len(words)} label_words for {len(labels)} labels ({labels}).")
-    template = PromptTemplate(instruction=opts.instruction)
+    # Plain prompts (no chat template): the adapter is trained and evaluated on the same rendered text.
+    template = PromptTemplate(instruction=opts.instruction, chat=False)
+    calibration = None if str(opts.calibration).lower() in ("none", "false", "") else opts.calibration
     rows = [{"prompt": template.render(t), "completion": " " + words[y]} for t, y in zip(shots["text"][:], shots["label"][:])]
 
     # 2. model and adapter
@@ -93,7 +96,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if not train_metrics.trainer.is_world_process_zero():  # torchrun: print, evaluate, save and publish once
         return train_metrics
     print(ak.summary(model))
-    metrics = evaluate_label_words(model, tokenizer, evaluation, words, template=template, method=opts.predict)
+    metrics = evaluate_label_words(model, tokenizer, evaluation, words, template=template, method=opts.predict,
+                                   calibration=calibration)
 
     # 4. save and report
     folder = ak.save(model, f"{opts.output_dir}/adapter", name=opts.name,

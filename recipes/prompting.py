@@ -2,18 +2,21 @@
 
 The same task prompt, label words and metric as ``recipes/fewshot_causal_lm.py``: with
 ``--shots 0`` the model sees only the instruction; with ``--shots k`` it also sees k solved
-examples per class (drawn with the seed) before each text. ``--adapter`` loads a saved
-adapter first, so trained adapters are evaluated by the very same code.
+examples per class (drawn with the seed, classes alternating in a seeded order) before each
+text, encoded once and reused from their KV cache. Defaults suit instruct models: the
+tokenizer's chat template when it has one (``--chat false`` turns it off), label words from
+the label names, and contextual calibration (``--calibration none`` for raw scores; the raw
+accuracy is reported beside the calibrated one). ``--adapter`` loads a saved adapter first, so
+trained adapters are evaluated by the very same code.
 
     python recipes/prompting.py --shots 0
-    python recipes/prompting.py --shots 4 --seed 1 --max-eval-rows 200
+    python recipes/prompting.py --shots 4 --seed 1 --max-eval-rows 200 --progress
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import random
 import sys
 from typing import Any
 
@@ -23,7 +26,7 @@ import adapterkit as ak
 from adapterkit import data as akdata
 from adapterkit.evaluate import evaluate_label_words
 from adapterkit.options import parse_options, recipe_main, report_results, run_script
-from adapterkit.prompting import PromptTemplate
+from adapterkit.prompting import PromptTemplate, balanced_examples
 
 
 @dataclasses.dataclass
@@ -39,10 +42,15 @@ class Options:
     text_column: str = "text"
     label_column: str = "label"
     label_names: list | None = None
-    label_words: list | None = None
+    label_words: list | None = None     # default: the label names, lower-cased
     instruction: str = "Classify the sentiment of the following text."
+    text_prefix: str = "Text: "
+    answer_prefix: str = "Answer:"      # plain prompts only; under a chat template the answer is the reply
+    chat: bool | None = None            # the tokenizer's chat template; default: when it has one
+    calibration: str | None = "contextual"  # or none: raw label-word scores
     shots: int = 0                      # in-context examples per class
     predict: str = "scoring"
+    progress: bool = False              # a tqdm bar over the evaluation batches
     batch_size: int = 8
     seed: int = 0
     max_eval_rows: int | None = None
@@ -63,9 +71,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     examples: list[tuple[str, str]] = []
     if opts.shots:
         picked = akdata.few_shot(train, opts.shots, seed=opts.seed)
-        examples = [(t, words[y]) for t, y in zip(picked["text"][:], picked["label"][:])]
-        random.Random(opts.seed).shuffle(examples)  # classes interleaved, not grouped
-    template = PromptTemplate(instruction=opts.instruction)
+        examples = balanced_examples(picked["text"][:], picked["label"][:], words, seed=opts.seed)
+    template = PromptTemplate(instruction=opts.instruction, text_prefix=opts.text_prefix,
+                              answer_prefix=opts.answer_prefix, chat=opts.chat)
+    calibration = None if str(opts.calibration).lower() in ("none", "false", "") else opts.calibration
 
     # Nothing here is split across processes: under torchrun the first one evaluates and reports.
     if not PartialState().is_main_process:
@@ -74,16 +83,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if opts.adapter:
         ak.load(model, opts.adapter)
     metrics = evaluate_label_words(model, tokenizer, evaluation, words, template=template, examples=examples,
-                                   method=opts.predict, batch_size=opts.batch_size)
+                                   method=opts.predict, calibration=calibration, batch_size=opts.batch_size,
+                                   show_progress=opts.progress)
     results = {
         "model": opts.model, "adapter": opts.adapter,
         "dataset": source["dataset"] or source["train_file"], "eval_data": source["eval_data"],
         "shots_per_class": opts.shots, "seed": opts.seed, "predict": opts.predict, "eval_rows": len(evaluation),
-        "accuracy": round(metrics["accuracy"], 4), "macro_f1": round(metrics["macro_f1"], 4),
+        "chat_template": template.uses_chat(tokenizer), "calibration": calibration if opts.predict == "scoring" else None,
+        "label_words": words, **{k: _rounded(v) for k, v in metrics.items() if k not in ("rows", "seconds")},
         "eval_seconds": round(metrics["seconds"], 1),
     }
     report_results(results, opts.results_json)
     return results
+
+
+def _rounded(value: Any) -> Any:
+    return [round(v, 4) for v in value] if isinstance(value, list) else round(value, 4)
 
 
 if __name__ == "__main__":

@@ -122,10 +122,37 @@ def test_label_word_scoring_equals_a_hand_computation(llama, words):
     preds = [hand_label_word(model, tok, template.render(t, examples), words) for t in rows]
     for labels in (preds, [(p + 1) % 3 for p in preds]):
         result = evaluate_label_words(model, tok, {"text": rows, "label": labels}, words, template=template,
-                                      examples=examples, batch_size=3)
+                                      examples=examples, batch_size=3, calibration=None)
         assert result["accuracy"] == hand_metrics(preds, labels, 3)["accuracy"]
         assert result["macro_f1"] == pytest.approx(hand_metrics(preds, labels, 3)["macro_f1"])
         assert result["rows"] == len(rows)
+
+
+def test_class_shares_make_a_collapse_visible_and_calibration_is_reported_beside_raw(llama):
+    model, tok = llama
+    template = PromptTemplate(instruction="w20 w21")
+    rows = {"text": texts(10, seed=7), "label": [0, 1] * 5}
+    first = tok.convert_tokens_to_ids("w7")
+
+    def prefer_first(module, args, out):  # a prior so strong that every raw answer is the first word
+        out = out.clone()
+        out[..., first] += 20.0
+        return out
+
+    # One content-free input: calibration then cancels a constant logit bias exactly.
+    options = dict(template=template, content_free=["w40"])
+    unbiased = evaluate_label_words(model, tok, rows, ["w7", "w8"], **options)
+    handle = model.lm_head.register_forward_hook(prefer_first)
+    try:
+        raw = evaluate_label_words(model, tok, rows, ["w7", "w8"], template=template, calibration=None)
+        calibrated = evaluate_label_words(model, tok, rows, ["w7", "w8"], **options)
+    finally:
+        handle.remove()
+    assert raw["class_shares"] == [1.0, 0.0] and raw["accuracy"] == 0.5 and "raw_accuracy" not in raw
+    assert calibrated["raw_class_shares"] == [1.0, 0.0] and calibrated["raw_accuracy"] == 0.5
+    assert max(unbiased["class_shares"]) < 1.0  # else the rows could not show calibration undoing a collapse
+    assert calibrated["class_shares"] == unbiased["class_shares"]
+    assert calibrated["accuracy"] == unbiased["accuracy"]
 
 
 def test_label_word_generation_restores_mode(llama):
