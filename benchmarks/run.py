@@ -22,14 +22,18 @@ from benchmarks.common import RESULTS, environment, run_side, table, write_resul
 
 # Sides that are compared with each other form a group; a group runs ``rounds`` times, every
 # other round in reverse order, so slow drift of this shared machine hits each side alike.
-LORA = ["peft_naive:lora", "peft_dynamic:lora", "adapterkit:lora:query,value", "adapterkit:lora"]
-HEAD = ["peft_naive:head", "peft_dynamic:head", "adapterkit:head"]
-FULL = ["peft_naive:full", "peft_dynamic:full", "adapterkit:full"]
+# peft_savvy (dynamic padding + length grouping) is the reference; peft_naive and peft_dynamic are
+# the naive baselines, kept for comparison with earlier results.
+LORA = ["peft_naive:lora", "peft_dynamic:lora", "peft_savvy:lora", "adapterkit:lora:query,value", "adapterkit:lora"]
+HEAD = ["peft_naive:head", "peft_dynamic:head", "peft_savvy:head", "adapterkit:head"]
+FULL = ["peft_naive:full", "peft_dynamic:full", "peft_savvy:full", "adapterkit:full"]
+#: adapterkit beside the savvy peer alone: issue 12's comparison, 3 rounds in alternating order.
+SAVVY_LORA = ["peft_savvy:lora", "adapterkit:lora:query,value"]
 
 SUITES: dict[str, dict[str, Any]] = {
     "smoke": {
         "train": {"model": "minilm-l6", "train_rows": 32, "dev_rows": 32, "batch_size": 16, "max_length": 64, "epochs": 1},
-        "train_groups": [(["peft_dynamic:lora", "adapterkit:lora:query,value"], 1)],
+        "train_groups": [(["peft_savvy:lora", "adapterkit:lora:query,value"], 1)],
         "runtime": None, "smollm2": None, "quality": None, "strategies": None,
     },
     "quick": {
@@ -37,6 +41,13 @@ SUITES: dict[str, dict[str, Any]] = {
         "train_groups": [(LORA, 1), (HEAD, 1)],
         "runtime": {"model": "smollm2-135m", "repeat": 30, "load_repeat": 3, "mixed_repeat": 3, "targets": None},
         "smollm2": None, "quality": None, "strategies": None,
+    },
+    # issue 12: adapterkit LoRA against the savvy peer, minilm-l6 then smollm2-135m (q_proj, v_proj).
+    "speed": {
+        "train": {"model": "minilm-l6", "train_rows": 2000, "dev_rows": 872, "batch_size": 16, "max_length": 64, "epochs": 1,
+                  "seed_per_round": True},
+        "train_groups": [(SAVVY_LORA, 3)],
+        "runtime": None, "smollm2": None, "quality": None, "strategies": None,
     },
     "full": {
         "train": {"model": "minilm-l6", "train_rows": 2000, "dev_rows": 872, "batch_size": 16, "max_length": 64, "epochs": 1},
@@ -65,6 +76,9 @@ STEP_FLOP_FACTOR = {"lora": 4, "prefix": 4, "full": 6}
 
 #: The issue's targets: (ratio key, comparison, threshold).
 TARGETS = [
+    ("train_speed", "lora_tokens_per_s_vs_savvy", ">=", 1.3),
+    ("train_speed", "lora_accuracy_minus_savvy", ">=", -0.005),
+    # The naive baselines (padding="max_length"; dynamic padding without length grouping).
     ("train_speed", "lora_tokens_per_s_vs_naive", ">=", 2.0),
     ("train_speed", "lora_tokens_per_s_vs_dynamic", ">=", 1.4),
     ("train_speed", "head_wall_speedup_vs_naive", ">=", 10.0),
@@ -85,7 +99,7 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 def _merge_rounds(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """One row per side: medians of the numeric measurements over its rounds."""
     merged = dict(rows[-1])
-    for key in ("seconds", "real_tokens_per_s", "peak_rss_mb", "process_seconds"):
+    for key in ("seconds", "loop_seconds", "real_tokens_per_s", "loop_real_tokens_per_s", "peak_rss_mb", "process_seconds"):
         values = [r[key] for r in rows if isinstance(r.get(key), (int, float))]
         if values:
             merged[key] = statistics.median(values)
@@ -96,7 +110,7 @@ def _merge_rounds(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 def train_speed(cfg: dict[str, Any], groups: list[tuple[list[str], int]], checkpoint=None,
                 previous: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Run the groups; ``checkpoint(partial_section)`` is called after each group so partial results survive.
+    """Run the groups; ``checkpoint(partial_section)`` is called after each round so partial results survive.
 
     ``previous`` is a section to extend (its runs and per-round ratios are kept).
     """
@@ -108,6 +122,9 @@ def train_speed(cfg: dict[str, Any], groups: list[tuple[list[str], int]], checkp
             this_round = {}
             for side in order:
                 settings = {**cfg, "tmp": tempfile.mkdtemp(prefix="ak-bench-")}
+                if cfg.get("seed_per_round"):
+                    # Both sides of a round share its seed; accuracy is then a mean over seeds.
+                    settings["seed"] = rnd
                 print(f"  train_speed {side} (round {rnd + 1}/{rounds}) ...", flush=True)
                 row = run_side("benchmarks.train_speed", side, settings)
                 row["round"] = rnd
@@ -115,8 +132,8 @@ def train_speed(cfg: dict[str, Any], groups: list[tuple[list[str], int]], checkp
                 this_round[side] = row
             for key, value in _ratios(this_round).items():
                 per_round_ratios.setdefault(key, []).append(value)
-        if checkpoint is not None:
-            checkpoint(_train_section(cfg, runs, per_round_ratios))
+            if checkpoint is not None:  # after every round: a slow shared machine may not finish them all
+                checkpoint(_train_section(cfg, runs, per_round_ratios))
     return _train_section(cfg, runs, per_round_ratios)
 
 
@@ -126,7 +143,8 @@ def _train_section(cfg: dict[str, Any], runs: list[dict[str, Any]], per_round_ra
         by_side.setdefault(r["side"], []).append(r)
     rows = [_merge_rounds(v) for v in by_side.values()]
     return {"settings": cfg, "rows": rows, "runs": runs,
-            "ratios": {k: statistics.median(v) for k, v in per_round_ratios.items()},
+            # Accuracy differences are averaged over the rounds' seeds; speed ratios take the median.
+            "ratios": {k: (statistics.mean(v) if "accuracy" in k else statistics.median(v)) for k, v in per_round_ratios.items()},
             "ratios_per_round": per_round_ratios}
 
 
@@ -136,11 +154,15 @@ def _ratios(by_side: dict[str, dict[str, Any]]) -> dict[str, float]:
     for strategy in ("lora", "head", "full"):
         for label, ours in (("", by_side.get(f"adapterkit:{strategy}:query,value") or by_side.get(f"adapterkit:{strategy}")),
                             ("_all_linear", by_side.get(f"adapterkit:{strategy}") if strategy == "lora" else None)):
-            for kind in ("naive", "dynamic"):
+            for kind in ("savvy", "naive", "dynamic"):
                 base = by_side.get(f"peft_{kind}:{strategy}")
                 if ours and base:
                     ratios[f"{strategy}{label}_tokens_per_s_vs_{kind}"] = _ratio(ours["real_tokens_per_s"], base["real_tokens_per_s"])
                     ratios[f"{strategy}{label}_wall_speedup_vs_{kind}"] = _ratio(base["seconds"], ours["seconds"])
+                    if kind == "savvy" and ours.get("loop_seconds") and base.get("loop_seconds"):
+                        ratios[f"{strategy}{label}_loop_speedup_vs_savvy"] = _ratio(base["loop_seconds"], ours["loop_seconds"])
+                    if kind == "savvy" and "accuracy" in ours and "accuracy" in base:
+                        ratios[f"{strategy}{label}_accuracy_minus_savvy"] = ours["accuracy"] - base["accuracy"]
     return {k: v for k, v in ratios.items() if v is not None}
 
 
@@ -359,12 +381,16 @@ def report(results: dict[str, Any]) -> str:
     ts = results.get("train_speed")
     if ts:
         parts += [f"## Training: SST-2 on minilm-l6 ({_training_settings(ts['settings'])})", "",
-                  table(ts["rows"], ["side", "rounds", "seconds", "real_tokens_per_s", "padding_fraction", "peak_rss_mb",
-                                     "accuracy", "trainable_params", "achieved_gflops", "gflops_fraction_of_peak"]), "",
-                  "`seconds` and `real_tokens_per_s` are medians over the rounds. adapterkit's seconds include its "
-                  "tokenization (and, for head, the one backbone pass that fills the feature cache); the baselines' exclude it.", "",
-                  "Ratios (adapterkit / baseline, median over rounds; `lora` = adapterkit at the baseline's targets "
-                  "query+value, `lora_all_linear` = adapterkit's default targets):", "",
+                  table(ts["rows"], ["side", "rounds", "seconds", "loop_seconds", "real_tokens_per_s", "padding_fraction",
+                                     "peak_rss_mb", "accuracy", "trainable_params", "achieved_gflops",
+                                     "gflops_fraction_of_peak"]), "",
+                  "`peft_savvy` (dynamic padding + `train_sampling_strategy=\"group_by_length\"`) is the reference; "
+                  "`peft_naive` (`padding=\"max_length\"`) and `peft_dynamic` (dynamic padding, random batches) are the "
+                  "naive baselines. `seconds` and `real_tokens_per_s` are medians over the rounds. adapterkit's seconds "
+                  "include its tokenization and Trainer set-up (and, for head, the one backbone pass that fills the "
+                  "feature cache); the baselines' exclude them. `loop_seconds` is Trainer's own `train_runtime` on every side.", "",
+                  "Ratios (adapterkit / baseline, median over rounds; accuracy differences: mean over the rounds' seeds; "
+                  "`lora` = adapterkit at the baseline's targets query+value, `lora_all_linear` = adapterkit's default targets):", "",
                   table([{"ratio": k, "value": v, "per round": ", ".join(f"{x:.2f}" for x in ts.get("ratios_per_round", {}).get(k, []))}
                          for k, v in ts["ratios"].items()], ["ratio", "value", "per round"]), ""]
     sm = results.get("smollm2")

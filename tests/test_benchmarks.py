@@ -38,7 +38,7 @@ def test_smoke_suite_writes_json_markdown_and_plot(tmp_path):
     section = result["train_speed"]
     assert section["settings"]["batch_size"] == 16 and section["settings"]["max_length"] == 64
     rows = section["rows"]
-    assert {r["side"] for r in rows} == {"peft_dynamic:lora", "adapterkit:lora:query,value"}
+    assert {r["side"] for r in rows} == {"peft_savvy:lora", "adapterkit:lora:query,value"}
     for row in rows:
         for key in ROW_NUMBERS:
             assert isinstance(row[key], (int, float)) and not isinstance(row[key], bool), key
@@ -46,11 +46,11 @@ def test_smoke_suite_writes_json_markdown_and_plot(tmp_path):
         assert 0 < row["real_tokens"] <= row["processed_tokens"]
         assert row["peak_rss_mb"] >= row["peak_rss_after_load_mb"] > 0
         assert row["gflops_fraction_of_peak"] > 0  # LoRA rows get an achieved-FLOP/s estimate
-    assert "lora_tokens_per_s_vs_dynamic" in section["ratios"]
-    assert section["ratios_per_round"]["lora_tokens_per_s_vs_dynamic"]
+    assert "lora_tokens_per_s_vs_savvy" in section["ratios"]
+    assert section["ratios_per_round"]["lora_tokens_per_s_vs_savvy"]
 
     measures = {t["measure"]: t for t in result["targets"]}
-    assert measures["lora_tokens_per_s_vs_dynamic"]["met"] in ("yes", "NO")
+    assert measures["lora_tokens_per_s_vs_savvy"]["met"] in ("yes", "NO")
     assert measures["switch_ms_2"]["met"] == "not measured"  # the smoke suite skips the runtime section
 
     assert (tmp_path / "smoke.md").read_text().startswith("# Benchmark results")

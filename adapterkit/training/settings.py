@@ -78,7 +78,7 @@ class TrainSettings:
     adapterkit's defaults differ from Trainer's for ``weight_decay`` (0.01), ``seed`` (0),
     ``optim`` (``"adamw_torch"``), ``eval_strategy`` (``"epoch"``), ``save_strategy`` (``"no"``),
     ``eval_steps`` (500), ``logging_steps`` (50) and ``report_to`` (``"none"``); see
-    :data:`TRAINER_DEFAULTS`.
+    :data:`TRAINER_DEFAULTS`. Without an accelerator ``dataloader_pin_memory`` is False.
 
     Attributes:
         args: a ready ``transformers.TrainingArguments``: Trainer runs with it, adapterkit's
@@ -245,7 +245,8 @@ def training_arguments(settings: TrainSettings, *, output_dir: str, learning_rat
         "disable_tqdm": not settings.show_progress,
     }
     if settings.args is None:
-        values = {**TRAINER_DEFAULTS, **mapped, "data_seed": settings.seed, **_cpu_backend(), **settings.trainer_args}
+        values = {**TRAINER_DEFAULTS, **mapped, "data_seed": settings.seed, **_cpu_backend(), **_cpu_loader(),
+                  **settings.trainer_args}
     else:
         values = {field: mapped[field] for field, alias in OWNED.items()
                   if field in mapped and alias in settings.given}
@@ -268,6 +269,12 @@ def _cpu_backend() -> dict[str, str]:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
         return {"ddp_backend": "gloo"}
     return {}
+
+
+def _cpu_loader() -> dict[str, bool]:
+    """``dataloader_pin_memory=False`` without an accelerator: pinned memory only speeds copies to
+    one, and torch warns on every DataLoader that asks for it without one."""
+    return {} if torch.accelerator.is_available() else {"dataloader_pin_memory": False}
 
 
 def position_limit(config: Any) -> int | None:
