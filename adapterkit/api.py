@@ -15,7 +15,10 @@ from typing import Any
 
 from torch import nn
 
-from adapterkit import artifacts, heads, hub, routing
+import adapterkit.artifacts as artifacts
+import adapterkit.heads as heads
+import adapterkit.hub as hub
+import adapterkit.routing as routing
 from adapterkit.config import AdapterConfig
 from adapterkit.errors import (
     AdapterExistsError,

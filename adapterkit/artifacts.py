@@ -32,7 +32,8 @@ import torch
 from huggingface_hub import ModelCard, ModelCardData
 from torch import nn
 
-from adapterkit import heads, io
+import adapterkit.heads as heads
+import adapterkit.io as io
 from adapterkit._version import __version__
 from adapterkit.config import FORMAT_VERSION, AdapterConfig
 from adapterkit.errors import (

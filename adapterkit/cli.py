@@ -17,7 +17,7 @@ from huggingface_hub import constants, scan_cache_dir
 from huggingface_hub.errors import CacheNotFound
 
 import adapterkit as ak
-from adapterkit import data as akdata
+import adapterkit.data as akdata
 from adapterkit.artifacts import read_sidecar
 from adapterkit.errors import cli_spelling, did_you_mean
 from adapterkit.evaluate import evaluate_classifier, evaluate_label_words

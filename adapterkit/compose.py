@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from adapterkit import api
+import adapterkit.api as api
 from adapterkit.merge import Checkpoint, merge, reweight
 from adapterkit.errors import AdapterMismatchError, AdapterNotFoundError, InvalidOptionError
 from adapterkit.fingerprint import check_fit, fingerprint

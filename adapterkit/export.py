@@ -27,7 +27,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from adapterkit import heads, hub, io
+import adapterkit.heads as heads
+import adapterkit.hub as hub
+import adapterkit.io as io
 from adapterkit.api import load, use
 from adapterkit.artifacts import read_sidecar
 from adapterkit.base_model import load_base

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from adapterkit import routing
+import adapterkit.routing as routing
 from adapterkit.errors import AdapterFormatError, AdapterMismatchError
 from adapterkit.quantized import trainable_copy
 from adapterkit.targets import head_paths, is_vocab_head

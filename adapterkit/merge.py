@@ -34,7 +34,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from adapterkit import api, heads
+import adapterkit.api as api
+import adapterkit.heads as heads
 from adapterkit.errors import AdapterNotFoundError, IncompatibleModelError, InvalidOptionError, did_you_mean
 from adapterkit.fingerprint import check_fit
 from adapterkit.registry import default_registry

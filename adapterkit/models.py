@@ -34,7 +34,7 @@ from huggingface_hub.errors import (
     RevisionNotFoundError,
 )
 
-from adapterkit import io
+import adapterkit.io as io
 from adapterkit.errors import ModelNotAvailableError, did_you_mean, exception_chain
 from adapterkit.sources import looks_like_path, resolve_source
 

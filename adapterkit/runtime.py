@@ -19,7 +19,8 @@ from collections.abc import Iterator
 
 from torch import nn
 
-from adapterkit import heads, routing
+import adapterkit.heads as heads
+import adapterkit.routing as routing
 from adapterkit.errors import IncompatibleModelError, InvalidOptionError
 from adapterkit.registry import default_registry
 from adapterkit.state import require_store, unwrap

@@ -31,7 +31,7 @@ from starlette.exceptions import HTTPException
 
 from adapterkit.errors import AdapterKitError, AdapterNotFoundError, HubError
 from adapterkit.errors import PoolFullError
-from adapterkit.serve import metrics as prom
+import adapterkit.serve.metrics as prom
 from adapterkit.serve.engine import (
     ClassifyJob,
     Completion,

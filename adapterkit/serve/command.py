@@ -14,7 +14,7 @@ import torch
 from adapterkit.base_model import load_base
 from adapterkit.errors import InvalidOptionError
 from adapterkit.model_info import base_model_id
-from adapterkit.serve import vllm
+import adapterkit.serve.vllm as vllm
 from adapterkit.serve.engine import ControlJob, Engine, default_name
 from adapterkit.serve.pool import AdapterPool
 

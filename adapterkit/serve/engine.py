@@ -38,7 +38,8 @@ from torch import nn
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from adapterkit import artifacts, hub
+import adapterkit.artifacts as artifacts
+import adapterkit.hub as hub
 from adapterkit.errors import AdapterNotFoundError, IncompatibleModelError, InvalidOptionError, did_you_mean
 from adapterkit.model_info import label_names as base_label_names
 from adapterkit.model_info import task_of

@@ -35,7 +35,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from adapterkit import artifacts, hub, io, routing
+import adapterkit.artifacts as artifacts
+import adapterkit.hub as hub
+import adapterkit.io as io
+import adapterkit.routing as routing
 from adapterkit.errors import (
     AdapterFormatError,
     AdapterMismatchError,
@@ -47,7 +50,7 @@ from adapterkit.errors import (
 )
 from adapterkit.fingerprint import fingerprint
 from adapterkit.heads import PEFT_PREFIX
-from adapterkit.serve import slots as pooled
+import adapterkit.serve.slots as pooled
 from adapterkit.sources import resolve_source
 from adapterkit.state import get_store, unwrap
 from adapterkit.strategies.lora import resolve_targets

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adapterkit import routing
+import adapterkit.routing as routing
 from adapterkit.errors import IncompatibleModelError
 from adapterkit.quantized import dequantize_linear
 

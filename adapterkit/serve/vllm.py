@@ -33,7 +33,8 @@ import urllib.request
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from adapterkit import artifacts, hub
+import adapterkit.artifacts as artifacts
+import adapterkit.hub as hub
 from adapterkit.base_model import load_base
 from adapterkit.errors import AdapterKitError, AdapterNotFoundError, IncompatibleModelError, InvalidOptionError
 from adapterkit.model_info import base_model_id

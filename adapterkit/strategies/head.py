@@ -17,7 +17,7 @@ import dataclasses
 
 from torch import nn
 
-from adapterkit import heads
+import adapterkit.heads as heads
 from adapterkit.config import AdapterConfig
 from adapterkit.errors import IncompatibleModelError
 from adapterkit.registry import register_strategy

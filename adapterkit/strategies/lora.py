@@ -19,7 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from adapterkit import heads, routing
+import adapterkit.heads as heads
+import adapterkit.routing as routing
 from adapterkit.compat import peft as peft_compat
 from adapterkit.config import AdapterConfig
 from adapterkit.errors import IncompatibleModelError

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache, EncoderDecoderCache
 
-from adapterkit import routing
+import adapterkit.routing as routing
 from adapterkit.compat import transformers as transformers_compat
 from adapterkit.config import AdapterConfig
 from adapterkit.errors import AdapterMismatchError, IncompatibleModelError
