@@ -266,8 +266,10 @@ def _cmd_export(args: argparse.Namespace) -> int:
         table = akdata.subset(table, args.max_rows, seed=0)
         texts = table["text"][:]
         labels = table["label"][:] if sidecar.get("task") == "classification" else None
-    report = ak.export(folder, args.out, dtype=args.dtype, texts=texts, labels=labels, max_length=args.max_length)
-    print(f"adapter          {args.adapter} ({report.strategy})\nwritten          {report.folder} ({report.dtype})")
+    report = ak.export(folder, args.out, dtype=args.dtype, texts=texts, labels=labels, max_length=args.max_length,
+                       quantize=args.quantize)
+    written = report.dtype + (f", {report.quantization}" if report.quantization else "")
+    print(f"adapter          {args.adapter} ({report.strategy})\nwritten          {report.folder} ({written})")
     print(f"rows             {report.rows}\ntop-1 agreement  {report.top1_agreement:.4f}\n"
           f"mean KL          {report.mean_kl:.2e}\nmax logit diff   {report.max_abs_logit_diff:.2e}")
     if report.accuracy_delta is not None:
@@ -337,6 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("adapter", help="adapter folder or Hub repo id")
     p.add_argument("out", help="folder to write (new, empty, or an earlier export)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--quantize", default=None, choices=["nf4", "fp4", "int8"],
+                   help="re-quantize the merged weights with bitsandbytes (the report measures the quantized export)")
     p.add_argument("--revision", default=None)
     p.add_argument("--dataset", default=None, help="rows for the fidelity report (default: a few fixed sentences)")
     p.add_argument("--split", default="dev")

@@ -6,6 +6,10 @@ head and any block an adapter trains are its own copies; a ``full`` adapter is t
 base trained in 4/8-bit is merged into the dequantized weights the adapter was trained
 against, never into re-rounded ones, and written in the precision asked for.
 
+``quantize="nf4" | "fp4" | "int8"`` re-quantizes the merged weights with bitsandbytes after the
+merge (the checkpoint then carries its ``quantization_config``, so ``from_pretrained`` loads it
+quantized); the report measures the quantized export, so its price in fidelity is visible.
+
 Every export writes ``export_report.json`` beside the checkpoint: how closely the written
 checkpoint, loaded back with ``from_pretrained``, reproduces the unmerged adapter on the
 texts given (top-1 agreement, mean KL divergence, largest logit difference, and the accuracy
@@ -19,6 +23,7 @@ import json
 import logging
 import math
 import os
+import shutil
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -34,7 +39,7 @@ from adapterkit.api import load, use
 from adapterkit.artifacts import read_sidecar
 from adapterkit.base_model import load_base
 from adapterkit.errors import AdapterExistsError, IncompatibleModelError, InvalidOptionError
-from adapterkit.quantized import dequantize_linear, is_bnb
+from adapterkit.quantized import bnb_config, dequantize_linear, is_bnb, quantization_of
 from adapterkit.sources import resolve_source
 from adapterkit.registry import default_registry
 from adapterkit.state import get_store, require_store, unwrap
@@ -43,6 +48,8 @@ logger = logging.getLogger(__name__)
 
 REPORT = "export_report.json"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+#: re-quantization of an export: name -> (bits, 4-bit quant type)
+QUANTIZE = {"nf4": (4, "nf4"), "fp4": (4, "fp4"), "int8": (8, None)}
 _DEFAULT_TEXTS = (
     "The quick brown fox jumps over the lazy dog.",
     "A great movie, I would watch it again.",
@@ -60,6 +67,8 @@ class ExportReport:
     strategy: str = ""
     dtype: str = "float32"
     base_quantization: str | None = None
+    #: bitsandbytes quantization of the written checkpoint (None: plain ``dtype`` weights)
+    quantization: str | None = None
     #: report rows (texts); the comparisons below are over their tokens (classification: the rows)
     rows: int = 0
     #: share of positions (classification: rows) where both pick the same top class / token
@@ -94,6 +103,7 @@ def export(
     texts: Sequence[str] | None = None,
     labels: Sequence[int] | None = None,
     max_length: int = 128,
+    quantize: str | None = None,
 ) -> ExportReport:
     """Write adapter ``name`` (default: the active one) merged into its base as a plain checkpoint.
 
@@ -109,6 +119,9 @@ def export(
         texts / labels: rows for the fidelity report (labels: class ids, classifiers only);
             a few fixed sentences when omitted.
         max_length: tokens per report row.
+        quantize: ``"nf4"``, ``"fp4"`` (4-bit) or ``"int8"``: re-quantize the merged weights with
+            bitsandbytes (after merging in full precision; ``dtype`` is then the dtype of the
+            layers left unquantized, such as embeddings and norms).
 
     Returns:
         The :class:`ExportReport`, also written as ``export_report.json``.
@@ -121,6 +134,8 @@ def export(
         raise InvalidOptionError("export(merge=False) would write the adapter as it is: use adapterkit.save() for that.")
     if dtype not in DTYPES:
         raise InvalidOptionError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}.")
+    if quantize is not None and quantize not in QUANTIZE:
+        raise InvalidOptionError(f"quantize must be one of {', '.join(QUANTIZE)} or None, got {quantize!r}.")
     if labels is not None and (texts is None or len(labels) != len(texts)):
         raise InvalidOptionError("labels need texts of the same length (one class id per text).")
     if isinstance(model, (str, os.PathLike)):
@@ -143,18 +158,37 @@ def export(
     merged = merged_model(base, name, dtype=DTYPES[dtype])
     out = Path(out)
     with io.writing_folder(out, prepare=_check_destination) as tmp:
-        merged.save_pretrained(tmp, safe_serialization=True)
+        if quantize is None:
+            merged.save_pretrained(tmp, safe_serialization=True)
+        else:
+            _save_quantized(merged, tmp, quantize, DTYPES[dtype])
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         reloaded = type(merged).from_pretrained(tmp, dtype=torch.float32)
         report = _fidelity(base, name, reloaded, tokenizer, texts, labels, max_length)
         report.folder, report.adapter, report.strategy, report.dtype = str(out), name, record.strategy, dtype
         report.base_quantization = record.meta.get("quantization")
+        report.quantization = quantization_of(reloaded)
         report.files = sorted([*(p.name for p in tmp.iterdir()), REPORT])
         (tmp / REPORT).write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")
     logger.info("Exported adapter '%s' merged into its base to %s (top-1 agreement %.4f, mean KL %.2e)",
                 name, out, report.top1_agreement, report.mean_kl)
     return report
+
+
+def _save_quantized(merged: nn.Module, folder: Path, quantize: str, dtype: torch.dtype) -> None:
+    """Quantize the merged model with bitsandbytes (from its full-precision weights) and save it."""
+    bits, quant_type = QUANTIZE[quantize]
+    # The full-precision copy goes inside the folder being written, so a crash leaves it to the
+    # same cleanup as the rest of an unfinished export.
+    plain = folder / ".merged-full-precision"
+    merged.save_pretrained(plain, safe_serialization=True)
+    try:
+        config = bnb_config(bits, quant_type=quant_type or "nf4", compute_dtype=dtype)
+        quantized = type(merged).from_pretrained(plain, quantization_config=config, dtype=dtype)
+        quantized.save_pretrained(folder, safe_serialization=True)
+    finally:
+        shutil.rmtree(plain, ignore_errors=True)
 
 
 def _load_saved_adapter(source: str | os.PathLike) -> tuple[nn.Module, Any]:

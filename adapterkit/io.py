@@ -18,11 +18,12 @@ import re
 import shutil
 import sys
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, load_file, save_file
 
 from adapterkit.errors import AdapterFormatError
 
@@ -52,6 +53,64 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
             f"{path} is not a readable safetensors file ({err}). It is corrupt or truncated: "
             "save or download the adapter again."
         ) from err
+
+
+#: Weight files up to this size are read into memory once, hashed and parsed from the same bytes;
+#: larger ones (full fine-tunes) are hashed in blocks and memory-mapped, so a load never holds
+#: two copies of a multi-GB file.
+IN_MEMORY_BYTES = 256 << 20
+
+
+class HashedFile:
+    """A file's size and sha256, with its bytes when they were small enough to keep.
+
+    The hash is taken on a worker thread (hashlib releases the GIL), so parsing the bytes
+    overlaps with it; :attr:`sha256` waits for it.
+    """
+
+    def __init__(self, path: Path, data: bytes | None, size: int) -> None:
+        self.path = path
+        self.data = data
+        self.size = size
+        self._digest: list[str] = []
+        source = (lambda: hashlib.sha256(data).hexdigest()) if data is not None else (lambda: sha256_file(path))
+        self._hashing = threading.Thread(target=lambda: self._digest.append(source()), daemon=True,
+                                         name="adapterkit-hash")
+        self._hashing.start()
+
+    @property
+    def sha256(self) -> str:
+        """The sha256 hex digest of the bytes read (waits for the hashing thread)."""
+        self._hashing.join()
+        if not self._digest:  # the file vanished or became unreadable while it was hashed
+            raise AdapterFormatError(f"{self.path} could not be read to check its sha256; load it again.")
+        return self._digest[0]
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Parse it as safetensors, from the very bytes that are hashed when they were kept."""
+        if self.data is None:
+            return read_safetensors(self.path)
+        try:
+            return load(self.data)
+        except Exception as err:  # safetensors raises its own SafetensorError kinds
+            raise AdapterFormatError(
+                f"{self.path} is not a readable safetensors file ({err}). It is corrupt or truncated: "
+                "save or download the adapter again."
+            ) from err
+
+
+def hashed_file(path: Path) -> HashedFile:
+    """Read ``path`` once for its sha256, keeping the bytes up to :data:`IN_MEMORY_BYTES`.
+
+    Parsing the kept bytes means the tensors loaded are the bytes that were checked (a second
+    read could see others) and the file is read once instead of twice.
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    if size > IN_MEMORY_BYTES:
+        return HashedFile(path, None, size)
+    data = path.read_bytes()
+    return HashedFile(path, data, len(data))
 
 
 def sha256_file(path: Path) -> str:

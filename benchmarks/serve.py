@@ -10,7 +10,11 @@ with a random adapter of the working set per request:
 - 1 adapter;
 - 64 adapters, all in the pool's slots (slots = 64);
 - 64 adapters on 32 slots: a working set of 2x the slots, so routing evicts and brings back
-  adapters all the time (target: p95 <= 3x the in-cache p95).
+  adapters all the time (target: p95 <= 3x the in-cache p95);
+- beside it, when an environment with vLLM is found (``--vllm-python`` or
+  ``$ADAPTERKIT_VLLM_PYTHON``; ``scripts/setup-vllm-env.sh`` makes one): vLLM's OpenAI server on
+  the same base and adapter folders (``--max-loras`` = the slots, float32 as the embedded engine
+  serves), the same clients and requests, for 1 and 64 adapters. ``--no-vllm`` skips it.
 
 ``python -m benchmarks.serve`` writes ``benchmarks/results/serve.json``; ``--quick`` is a
 seconds-long smoke run (pass ``--base`` a tiny model folder).
@@ -22,6 +26,7 @@ import argparse
 import asyncio
 import json
 import random
+import socket
 import statistics
 import tempfile
 import time
@@ -34,6 +39,7 @@ import adapterkit as ak
 from adapterkit.serve.pool import AdapterPool
 from adapterkit.serve.app import BackgroundServer, create_app
 from adapterkit.serve.engine import Engine
+from adapterkit.serve import vllm
 from benchmarks.common import RESULTS, environment, table
 # One maker of perturbed LoRA adapters for the pool and serve benchmarks (a fresh LoRA's B is zero).
 from benchmarks.pool import _adapters as make_adapters
@@ -109,11 +115,43 @@ def scenario(model, tokenizer, base: str, label: str, folders: list[Path], *, sl
         pool.close()
     counters = ("hits", "misses", "cpu_hits", "evictions", "loads")
     result.update({
-        "scenario": label, "adapters": len(folders), "slots": slots,
+        "scenario": label, "engine": "adapterkit", "adapters": len(folders), "slots": slots,
         "pool": {k: after[k] - before[k] for k in counters} | {
             "load_seconds": round(after["load_seconds"] - before["load_seconds"], 4)},
     })
     return result
+
+
+def measure(url: str, names: list[str | None], base: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Warm-up, then the measured closed-loop run, against the server at ``url``."""
+    kwargs = {"clients": args.clients, "max_tokens": args.max_tokens}
+    asyncio.run(_clients(url, names, base, seconds=args.warmup, seed=1, **kwargs))
+    return asyncio.run(_clients(url, names, base, seconds=args.seconds, seed=2, **kwargs))
+
+
+def vllm_scenario(python: str, base: str, label: str, folders: list[Path], *, slots: int, args: argparse.Namespace
+                  ) -> dict[str, Any]:
+    """The same clients against vLLM's OpenAI server on the same base and adapter folders."""
+    names: list[str | None] = [f"a{i}" for i in range(len(folders))] or [None]
+    plan = vllm.prepare(base, [(n, str(f)) for n, f in zip(names, folders)])
+    port = _free_port()
+    argv = vllm.vllm_command(plan, python=python, host="127.0.0.1", port=port, max_loras=slots,
+                             extra=["--dtype=float32", f"--max-num-seqs={args.max_batch_size}"])
+    env = {**vllm.vllm_env(None), "VLLM_CPU_KVCACHE_SPACE": str(args.vllm_kv_cache_gib)}
+    started = time.perf_counter()
+    with vllm.VllmServer(argv, env=env, url=vllm.local_url("127.0.0.1", port)) as server:
+        server.wait_ready(900)
+        ready = time.perf_counter() - started
+        result = measure(server.url, names, plan.served_names[0], args)
+    result.update({"scenario": label, "engine": "vllm", "adapters": len(folders), "slots": slots,
+                   "startup_s": round(ready, 1)})
+    return result
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -129,6 +167,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--max-batch-size", type=int, default=16)
     parser.add_argument("--batch-window-ms", type=float, default=5.0)
     parser.add_argument("--quick", action="store_true", help="a seconds-long smoke run (4 adapters, 2 slots)")
+    parser.add_argument("--vllm-python", default=None, help=f"vLLM's Python (default: ${vllm.VLLM_PYTHON_ENV})")
+    parser.add_argument("--no-vllm", action="store_true", help="skip the vLLM side even when vLLM is found")
+    parser.add_argument("--vllm-kv-cache-gib", type=float, default=2, help="VLLM_CPU_KVCACHE_SPACE")
     parser.add_argument("--out", default=None, help=f"JSON result (default: {RESULTS / 'serve.json'}; --quick: none)")
     args = parser.parse_args(argv)
     if args.quick:
@@ -145,6 +186,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ]
         rows = [scenario(model, tokenizer, args.base, label, chosen, slots=slots, args=args)
                 for label, chosen, slots in plan]
+        vllm_python = None
+        if not (args.quick or args.no_vllm):
+            try:
+                vllm_python = vllm.find_python(args.vllm_python)
+            except vllm.VllmError as err:
+                print(f"vLLM side skipped: {err}")
+        if vllm_python:
+            del model  # vLLM loads its own copy of the base
+            rows += [vllm_scenario(vllm_python, args.base, f"vLLM: {label}", chosen, slots=slots, args=args)
+                     for label, chosen, slots in (plan[1], plan[3])]
     in_cache, churn = rows[2], rows[3]
     ratio = round(churn["p95_ms"] / in_cache["p95_ms"], 2) if in_cache["p95_ms"] else None
     result = {
@@ -157,7 +208,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     print(f"{args.base}: {args.clients} concurrent clients, max_tokens={args.max_tokens}, LoRA r={args.rank}, "
           f"load average {result['environment']['load_average']}")
-    print(table(rows, ["scenario", "adapters", "slots", "requests", "errors", "requests_per_s", "p50_ms", "p95_ms"]))
+    print(table(rows, ["scenario", "engine", "adapters", "slots", "requests", "errors", "requests_per_s", "p50_ms",
+                       "p95_ms"]))
     print(f"p95 with a working set of 2x the slots / in-cache p95: {ratio} (target <= {CHURN_TARGET})")
     out = Path(args.out) if args.out else (None if args.quick else RESULTS / "serve.json")
     if out is not None:

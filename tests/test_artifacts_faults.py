@@ -14,6 +14,7 @@ import logging
 import os
 import queue
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -29,6 +30,7 @@ from safetensors.torch import load_file, save_file
 
 import adapterkit as ak
 import adapterkit.artifacts as artifacts
+import adapterkit.io as io
 from adapterkit.artifacts import SIDECAR
 from tests.test_artifacts import fresh, logits, trained
 from tests.tiny import make_batch
@@ -578,6 +580,35 @@ def test_a_bad_tensor_is_refused_and_the_model_left_as_it_was(tmp_path, strategy
         ak.load(model, str(folder), name="bad")
     state.assert_unchanged()
     torch.testing.assert_close(logits(model, batch), expected, rtol=0, atol=0)
+
+
+def test_the_nonfinite_tensor_is_named_when_dtypes_are_mixed(tmp_path):
+    # One finiteness test covers all tensors of a dtype; the error still names the bad one.
+    folder = saved(tmp_path, "lora")
+
+    def half_with_inf_in_the_middle(t):
+        keys = sorted(t)
+        for key in keys[::2]:
+            t[key] = t[key].to(torch.float16)
+        t[keys[len(keys) // 2]].view(-1)[-1] = float("-inf")
+        return t
+
+    edit_tensors(folder, half_with_inf_in_the_middle)
+    keys = sorted(load_file(str(folder / "adapter_model.safetensors")))
+    middle = keys[len(keys) // 2]
+    with pytest.raises(ak.AdapterFormatError, match=f"Tensor '{re.escape(middle)}' .* 1 NaN/inf value"):
+        ak.load(fresh("bert"), str(folder), name="bad")
+
+
+def test_the_weights_loaded_are_the_bytes_that_were_hashed(tmp_path):
+    folder = saved(tmp_path, "lora")
+    path = folder / "adapter_model.safetensors"
+    read = io.hashed_file(path)
+    before = load_file(str(path))
+    edit_tensors(folder, lambda t: {k: v + 1 for k, v in t.items()})  # replaced after the read
+    assert read.sha256 == hashlib.sha256(read.data).hexdigest() != io.sha256_file(path)
+    got = read.tensors()
+    assert got.keys() == before.keys() and all(torch.equal(got[k], before[k]) for k in before)
 
 
 def test_nonfinite_values_load_with_a_warning_when_allowed(tmp_path, caplog):

@@ -213,6 +213,16 @@ def test_compiled_inner_is_the_module_torch_compile_wraps():
     assert torch_compat.compiled_inner(layer) is None
 
 
+def test_copy_all_copies_into_views_converting_dtypes_in_one_call():
+    slots = torch.zeros(3, 4, 5)
+    halves = torch.zeros(2, 5, dtype=torch.bfloat16)
+    a, b = torch.randn(2, 5), torch.randn(5, 4)  # b lands transposed: a strided source
+    torch_compat.copy_all([slots[1, :2], slots[2], halves], [a, b.T, a])
+    assert torch.equal(slots[1, :2], a) and torch.equal(slots[2], b.T) and not slots[0].any()
+    assert halves.dtype == torch.bfloat16 and torch.equal(halves, a.to(torch.bfloat16))
+    assert getattr(torch, "_foreach_copy_", None) is not None  # without it the loop runs: slower, same result
+
+
 # --- huggingface_hub ---------------------------------------------------------------------------
 def test_client_factory_is_what_set_client_factory_installed():
     from huggingface_hub.utils import set_client_factory

@@ -116,6 +116,26 @@ def test_bf16_export_writes_bf16_weights(tmp_path):
     assert report.top1_agreement > 0.9 and report.dtype == "bfloat16"
 
 
+@pytest.mark.parametrize("quantize,layer_class", [("nf4", "Linear4bit"), ("int8", "Linear8bitLt")])
+def test_requantized_export_loads_quantized_and_reports_its_fidelity(tmp_path, quantize, layer_class):
+    model, tok = _base(tmp_path, "llama", wide=True)
+    ak.attach(model, "lora", r=4)
+    _perturb(model, scale=0.05)
+    merged = merged_model(model, "default")
+    report = ak.export(model, tmp_path / "out", tokenizer=tok, quantize=quantize, texts=TEXTS)
+    assert report.quantization == ("bnb-4bit-nf4" if quantize == "nf4" else "bnb-8bit")
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == report.files  # no full-precision copy left
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert type(back.model.layers[0].self_attn.q_proj).__name__ == layer_class
+    # quantized from the merged weights: close to the merged model, not equal, and the report says how close
+    ours, mask = _logits(back, tok)
+    exact, _ = _logits(merged, tok)
+    assert 0 < (ours - exact)[mask].abs().max() < 1.0
+    assert report.max_abs_logit_diff == pytest.approx(float((ours - _logits(model, tok)[0])[mask].abs().max()), rel=1e-4)
+    with pytest.raises(ak.InvalidOptionError, match="quantize must be one of nf4, fp4, int8"):
+        ak.export(model, tmp_path / "o", tokenizer=tok, quantize="int4")
+
+
 def test_export_of_a_saved_adapter_folder_loads_its_recorded_base(tmp_path):
     model, tok = _base(tmp_path, "bert")
     ak.attach(model, "lora", r=2)

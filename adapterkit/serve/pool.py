@@ -12,8 +12,8 @@ slots are full, the least recently used adapter that is neither pinned nor in us
 forward leaves its slot; its tensors stay on the CPU (up to ``cpu_slots`` adapters), so coming
 back is a copy, and beyond that a file read.
 
-An adapter's identity is the hash of its files (``artifacts.content_hash``): loading the same
-bytes under the same name again is a no-op, changed files replace the old weights. A route
+An adapter's identity is the hash of its files (``SavedAdapter.digest``): loading the same
+bytes under the same name again copies nothing, changed files replace the old weights. A route
 holds its adapters' slots until it ends, so neither eviction nor a reload under the same name
 changes weights under a running forward: the new version goes to another slot.
 """
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import hashlib
 import logging
 import math
 import os
@@ -36,8 +35,8 @@ import torch
 from torch import nn
 
 import adapterkit.artifacts as artifacts
+import adapterkit.compat.torch as torch_compat
 import adapterkit.hub as hub
-import adapterkit.io as io
 import adapterkit.routing as routing
 from adapterkit.errors import (
     AdapterFormatError,
@@ -168,8 +167,9 @@ class AdapterPool:
         self._heads: dict[str, tuple[nn.Module, pooled.HeadSlots]] = {}
         with torch.inference_mode(False):  # the slots are written by loads, in or out of inference mode
             self._make_slots(base, resolve_targets(base, target_modules), dtype)
-        # Taken now, so the first load does not pay for it (loads check adapters against it).
-        fingerprint(base)
+        # Taken once: a serving base does not change, and walking its modules costs each load
+        # ~10 ms (half of a 20 ms load budget).
+        self._fingerprint = fingerprint(base)
         self._entries: dict[str, _Entry] = {}
         self._in_slots: collections.OrderedDict[str, None] = collections.OrderedDict()  # oldest first
         self._on_cpu: collections.OrderedDict[str, None] = collections.OrderedDict()
@@ -244,7 +244,7 @@ class AdapterPool:
         """Load a saved LoRA/DoRA adapter (a folder or a Hub repo id) into a slot; returns its name.
 
         The checks are :func:`adapterkit.load`'s (files against their manifest, base fingerprint,
-        label rows). Loading the same bytes under the same name again is a hit and reads nothing;
+        label rows). Loading the same bytes under the same name again is a hit and copies nothing;
         changed files replace the old weights (a running forward keeps the old ones).
 
         Args:
@@ -275,14 +275,15 @@ class AdapterPool:
         if not isinstance(name, str) or not name:
             raise InvalidOptionError(f"The adapter name must be a non-empty string, got {name!r}.")
         options = {"ignore_mismatch": ignore_mismatch, "allow_nonfinite": allow_nonfinite}
-        digest = _digest(folder)
+        started = time.perf_counter()
+        # One read of the files: hashed for identity and the manifest, parsed from the same bytes.
+        saved = artifacts.read_folder(folder, allow_nonfinite=allow_nonfinite)
         with self._lock:
             entry = self._entries.get(name)
-            if entry is not None and entry.digest == digest and entry.options == options:
+            if entry is not None and entry.digest == saved.digest and entry.options == options:
                 self._bring_in(entry)
                 return name
-        started = time.perf_counter()
-        entry, payload = self._read(folder, name, where, digest, options)
+        entry, payload = self._read(saved, name, where, options)
         with self._lock:
             self._place(entry, payload)
             self._stats["misses"] += 1
@@ -426,7 +427,8 @@ class AdapterPool:
         # Evicted past the CPU tier: read its folder again (under the lock, so the files read are
         # the ones this entry stands for; a changed folder replaces it, as a load would).
         started = time.perf_counter()
-        fresh, payload = self._read(entry.folder, entry.name, entry.source, _digest(entry.folder), entry.options)
+        saved = artifacts.read_folder(entry.folder, allow_nonfinite=entry.options["allow_nonfinite"])
+        fresh, payload = self._read(saved, entry.name, entry.source, entry.options)
         if fresh.digest != entry.digest:
             logger.warning("The files of adapter '%s' in %s changed since it was loaded; serving the new ones.",
                            entry.name, entry.folder)
@@ -497,8 +499,10 @@ class AdapterPool:
             entry.slot = None
 
     def _write(self, slot: int, payload: _Payload) -> None:
+        copies: tuple[list[torch.Tensor], list[torch.Tensor]] = ([], [])
         for path, (_, state) in self._lora.items():
-            state.write(slot, *(payload.lora.get(path) or (None, None, None)))
+            state.write(slot, *(payload.lora.get(path) or (None, None, None)), copies=copies)
+        torch_compat.copy_all(*copies)
         for path, (_, state) in self._heads.items():
             state.write(slot, *(payload.heads.get(path) or (None, None)))
 
@@ -508,11 +512,8 @@ class AdapterPool:
         return _Payload(lora, heads)
 
     # --- reading an adapter ----------------------------------------------------------------
-    def _read(self, folder: Path, name: str, where: str, digest: str, options: dict[str, bool]) -> tuple[_Entry, _Payload]:
-        """Read and check the adapter in ``folder`` (no lock needed): its entry and its tensors."""
-        # content_hash just checked the files against the manifest: not hashed a second time.
-        checked = (folder / artifacts.SIDECAR).is_file()
-        saved = artifacts.read_folder(folder, allow_nonfinite=options["allow_nonfinite"], manifest_checked=checked)
+    def _read(self, saved: artifacts.SavedAdapter, name: str, where: str, options: dict[str, bool]) -> tuple[_Entry, _Payload]:
+        """Check the adapter read from a folder against this pool (no lock needed): its entry and tensors."""
         strategy = saved.strategy.name
         if strategy != "lora":
             raise IncompatibleModelError(
@@ -520,7 +521,8 @@ class AdapterPool:
                 "adapters change more than the output of linear layers). Serve it with ak.load(model, source) on a "
                 "base of its own and switch with ak.use(model, name)."
             )
-        artifacts.check_fits(self._base, saved, ignore_mismatch=options["ignore_mismatch"], where=where)
+        artifacts.check_fits(self._base, saved, ignore_mismatch=options["ignore_mismatch"], where=where,
+                             base_fingerprint=self._fingerprint)
         config = saved.config
         rank = config.r
         if rank > self.max_rank:
@@ -533,7 +535,7 @@ class AdapterPool:
         payload = self._payload(saved.tensors, rank, scale, where)
         dora = any(g is not None for _, _, g in payload.lora.values())
         entry = _Entry(
-            name=name, source=where, folder=Path(folder), digest=digest, rank=rank, scale=scale, dora=dora,
+            name=name, source=where, folder=saved.folder, digest=saved.digest, rank=rank, scale=scale, dora=dora,
             has_head=bool(payload.heads), label_names=(saved.sidecar or {}).get("label_names"), options=dict(options),
         )
         return entry, payload
@@ -641,18 +643,6 @@ def _refuse_adapted(base: nn.Module) -> None:
                 f"This model carries peft adapter layers (at '{path}'); an AdapterPool serves adapters on a bare base. "
                 "Load a fresh base with ak.load_base."
             )
-
-
-def _digest(folder: Path) -> str:
-    """The identity of the adapter in ``folder``: its content hash (plain peft folders: their files' sha256)."""
-    if (folder / artifacts.SIDECAR).is_file():
-        return artifacts.content_hash(folder)
-    # A plain peft folder has no manifest: its config and weights are its identity.
-    digest = hashlib.sha256()
-    for file in ("adapter_config.json", *artifacts.WEIGHT_FILES):
-        if (folder / file).is_file():
-            digest.update(f"{file}:{io.sha256_file(folder / file)};".encode())
-    return digest.hexdigest()
 
 
 def _dora_scale(module: nn.Module, a: torch.Tensor, b: torch.Tensor, magnitude: torch.Tensor, scale: float) -> torch.Tensor:

@@ -169,11 +169,19 @@ class LoraSlots:
         #: rank written to each slot since it was last cleared (what a smaller rank must zero)
         self.written = [0] * (count + 1)
 
-    def write(self, slot: int, a: torch.Tensor | None, b: torch.Tensor | None, g: torch.Tensor | None) -> None:
-        """Copy one adapter's A (r x in), B (out x r) and DoRA scale (or nothing: a zero update) into ``slot``."""
+    def write(self, slot: int, a: torch.Tensor | None, b: torch.Tensor | None, g: torch.Tensor | None,
+              copies: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None) -> None:
+        """Copy one adapter's A (r x in), B (out x r) and DoRA scale (or nothing: a zero update) into ``slot``.
+
+        With ``copies`` (destinations, sources), A and B are appended there for the caller to copy
+        with every other layer's in one call (:func:`adapterkit.compat.torch.copy_all`).
+        """
         rank = 0 if a is None else a.shape[0]
         with torch.no_grad():
-            if rank:
+            if rank and copies is not None:
+                copies[0].extend((self.A[slot, :rank], self.B[slot, :rank]))
+                copies[1].extend((a, b.T))
+            elif rank:
                 self.A[slot, :rank].copy_(a)
                 self.B[slot, :rank].copy_(b.T)
             if self.written[slot] > rank:
