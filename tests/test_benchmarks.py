@@ -80,3 +80,18 @@ def test_merge_combines_sections_without_measuring(tmp_path):
     assert measures["switch_ms_16"] == "yes" and measures["mixed_speedup"] == "yes"
     text = (tmp_path / "out" / "merged.md").read_text()
     assert "## Runtime on smollm2-135m" in text and "## Few-shot SST-2" in text
+
+
+def test_gpu_benchmark_quick_runs_its_code_path_on_the_cpu(tmp_path):
+    # benchmarks/gpu_check.sh runs this module on a lent GPU; here the same code runs on tiny shapes.
+    from benchmarks import gpu
+
+    out = tmp_path / "gpu.json"
+    result = gpu.main(["--quick", "--device", "cpu", "--sides", "ak-qlora-nf4", "peft-trainer-bf16", "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result, default=str))
+    sides = {row["side"]: row for row in result["training"]}
+    assert set(sides) == {"ak-qlora-nf4", "peft-trainer-bf16"}
+    for row in sides.values():
+        assert row["tokens"] == 2 * 2 * 16 and row["tokens_per_s"] > 0 and row["train_loss"] > 0
+    assert result["pool"]["load_ms"] > 0
+    assert [r["distinct_adapters"] for r in result["pool"]["mixed"]] == [1, 4]
