@@ -107,6 +107,7 @@ def _card(sidecar: dict[str, Any]) -> str:
         "Options: " + ", ".join(f"`{k}={v}`" for k, v in sidecar["options"].items()) if sidecar["options"] else "Options: defaults",
     ]
     lines += _merge_lines(sidecar.get("merge"))
+    lines += _sweep_lines(sidecar.get("recipe"))
     if metrics:
         lines += ["", "| metric | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in metrics.items()]
     lines += [
@@ -120,6 +121,25 @@ def _card(sidecar: dict[str, Any]) -> str:
         "```",
     ]
     return ModelCard.from_template(data, template_str="---\n{{ card_data }}\n---\n\n" + "\n".join(lines) + "\n").content
+
+
+def _sweep_lines(recipe: Any) -> list[str]:
+    """The card's "Tuning" section for an adapter whose recipe picked its settings with ``--sweep``."""
+    sweep = recipe.get("sweep") if isinstance(recipe, dict) else None
+    if not isinstance(sweep, dict):
+        return []
+    metric = sweep.get("metric", "accuracy")
+    lines = ["", "## Tuning", "",
+             f"Settings picked by `--sweep` on dev {metric}: {sweep.get('dev_rows')} rows of the training data "
+             f"({sweep.get('dev_from')}); the evaluation split was not used to choose. {sweep.get('outcome')}.",
+             "", f"| trial | values | dev {metric} | train s | status |", "|---|---|---|---|---|"]
+    for t in sweep.get("trials") or []:
+        values = ", ".join(f"`{k}={v}`" for k, v in (t.get("values") or {}).items())
+        dev = (t.get("dev") or {}).get(metric)
+        status = "picked" if t.get("trial") == sweep.get("best_trial") else "ok" if t.get("error") is None else "failed"
+        shown = "-" if dev is None else f"{dev:.4f}"
+        lines.append(f"| {t.get('trial')} | {values} | {shown} | {t.get('train_seconds') or '-'} | {status} |")
+    return lines
 
 
 def _merge_lines(merge: Any) -> list[str]:

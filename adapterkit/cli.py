@@ -159,7 +159,8 @@ def _cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
     if target is None or target in ("-h", "--help"):
         # The recipe's own parser answers `train <recipe> --help`; only a bare `train --help` lands here.
         print(args.train_parser.format_help().rstrip())
-        print(f"\nrecipes: {', '.join(RECIPES)}; `adapterkit train <recipe> --help` lists a recipe's options.")
+        print(f"\nrecipes: {', '.join(RECIPES)}; `adapterkit train <recipe> --help` lists a recipe's options "
+              "(text_classification and fewshot_causal_lm also take --sweep KEY=V1,V2 ...).")
         if target is None and not args.train_help:
             raise ak.InvalidOptionError(f"Name a recipe ({', '.join(RECIPES)}) or a YAML/JSON config with `recipe:`.")
         return 0

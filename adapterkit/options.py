@@ -30,7 +30,7 @@ from adapterkit.errors import AdapterKitError, InvalidOptionError, did_you_mean
 T = TypeVar("T")
 
 
-def _parse_value(text: str) -> Any:
+def parse_value(text: str) -> Any:
     """A flag value: JSON where it parses (numbers, lists, dicts, true/false/null), else the string."""
     try:
         return json.loads(text)
@@ -120,8 +120,28 @@ def _field_comments(cls: type) -> dict[str, str]:
     return found
 
 
-def parse_options(cls: type[T], argv: list[str] | None = None, *, description: str | None = None) -> T:
+def check_values(cls: type, values: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """Values for fields of the options dataclass ``cls``, checked as :func:`parse_options` checks flags.
+
+    A number given for a ``str`` field becomes its text (``--name 7`` is the name "7").
+
+    Returns:
+        ``(values, problems)``: the values as the dataclass takes them, and one line per value of
+        the wrong type (empty when all fit). Keys must be fields of ``cls``.
+    """
+    checked = dict(values)
+    for f in dataclasses.fields(cls):
+        if f.type in ("str", str) and isinstance(checked.get(f.name), (int, float)):
+            checked[f.name] = str(checked[f.name])
+    return checked, _check_types(cls, checked)
+
+
+def parse_options(
+    cls: type[T], argv: list[str] | None = None, *, description: str | None = None, epilog: str | None = None
+) -> T:
     """Options of type ``cls`` from ``--config`` and ``--field value`` flags.
+
+    ``epilog`` is shown at the end of ``--help`` (flags handled before this parser sees them).
 
     Raises:
         InvalidOptionError: unknown keys or badly typed values, all listed at once.
@@ -133,7 +153,7 @@ def parse_options(cls: type[T], argv: list[str] | None = None, *, description: s
     prog = f"adapterkit train {module[len('adapterkit_recipe_'):]}" if module.startswith("adapterkit_recipe_") else None
     # allow_abbrev=False: `--learning 0.1` is an unknown option (with a suggestion), not a silent prefix match.
     parser = argparse.ArgumentParser(
-        prog=prog, description=description or (cls.__doc__ or "").split("\n")[0], allow_abbrev=False,
+        prog=prog, description=description or (cls.__doc__ or "").split("\n")[0], epilog=epilog, allow_abbrev=False,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--config", help="YAML or JSON file with option values (flags override it)")
@@ -147,7 +167,7 @@ def parse_options(cls: type[T], argv: list[str] | None = None, *, description: s
         values.update(read_config(args.config))
         if "recipe" not in fields:  # names the recipe for `adapterkit train config.yaml`
             values.pop("recipe", None)
-    values.update({k: _parse_value(v) for k, v in vars(args).items() if k != "config"})
+    values.update({k: parse_value(v) for k, v in vars(args).items() if k != "config"})
     problems = []
     after_flag = False
     for flag in unknown:
@@ -162,11 +182,8 @@ def parse_options(cls: type[T], argv: list[str] | None = None, *, description: s
     for key in values:
         if key not in fields:
             problems.append(f"unknown option '{key}'.{did_you_mean(key, fields)}")
-    known = {k: v for k, v in values.items() if k in fields}
-    for f in fields.values():
-        if f.type in ("str", str) and isinstance(known.get(f.name), (int, float)):
-            known[f.name] = str(known[f.name])
-    problems += _check_types(cls, known)
+    known, wrong_types = check_values(cls, {k: v for k, v in values.items() if k in fields})
+    problems += wrong_types
     if problems:
         raise InvalidOptionError(
             f"Invalid options for {cls.__name__}:\n  - " + "\n  - ".join(problems) + f"\nValid options: {', '.join(sorted(fields))}."

@@ -8,20 +8,23 @@ baselines in ``recipes/prompting.py``.
 
     python recipes/fewshot_causal_lm.py --k 16 --seed 1
     python recipes/fewshot_causal_lm.py --config recipes/configs/sst2_smollm2_fewshot.yaml
+    python recipes/fewshot_causal_lm.py --sweep learning_rate=3e-4,1e-3 num_epochs=3,5   # dev: 200 other training rows
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import sys
 import time
 from typing import Any
 
 import adapterkit as ak
+import adapterkit.sweep as sweep
 from adapterkit import data as akdata
 from adapterkit.evaluate import evaluate_label_words
-from adapterkit.options import parse_options, recipe_main, report_results, run_script
+from adapterkit.options import recipe_main, report_results, run_script
 from adapterkit.prompting import PromptTemplate
 
 
@@ -59,7 +62,9 @@ class Options:
 
 @recipe_main
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    opts = parse_options(Options, argv, description=__doc__)
+    # Under --sweep the shots (k, seed) stay those of the plain run; dev rows are 200 other training rows.
+    opts, tuning = sweep.parse_options(Options, argv, description=__doc__, fixed=(*sweep.FIXED_OPTIONS, "k", "seed"),
+                                       dev=200)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if opts.predict not in ("scoring", "generation"):
         raise ak.InvalidOptionError(f"predict must be 'scoring' or 'generation', got {opts.predict!r}.")
@@ -72,32 +77,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     shots = akdata.few_shot(train, opts.k, seed=opts.seed)
     evaluation = akdata.subset(evaluation, opts.max_eval_rows, seed=opts.seed)
-    words = opts.label_words or [name.lower() for name in labels]
-    if len(words) != len(labels):
-        raise ak.InvalidOptionError(f"{len(words)} label_words for {len(labels)} labels ({labels}).")
-    # Plain prompts (no chat template): the adapter is trained and evaluated on the same rendered text.
-    template = PromptTemplate(instruction=opts.instruction, chat=False)
-    calibration = None if str(opts.calibration).lower() in ("none", "false", "") else opts.calibration
-    rows = [{"prompt": template.render(t), "completion": " " + words[y]} for t, y in zip(shots["text"][:], shots["label"][:])]
+    prompting(opts, labels)  # label words checked before the model loads
 
-    # 2. model and adapter
-    model, tokenizer = ak.load_base(opts.model, task="causal-lm", bits=opts.bits)
-    ak.attach(model, opts.strategy, name=opts.name, **opts.adapter)
-
-    # 3. train on the k-shot prompts, then classify the evaluation split
-    started = time.perf_counter()
-    train_metrics = ak.train(
-        model, tokenizer, rows, learning_rate=opts.learning_rate, num_epochs=opts.num_epochs,
-        batch_size=opts.batch_size, max_length=opts.max_length, seed=opts.seed, max_steps=opts.max_steps,
-        output_dir=f"{opts.output_dir}/checkpoints", eval_strategy="no",
-        recipe={"recipe": "fewshot_causal_lm", **dataclasses.asdict(opts), **source, "label_words": words},
-    )
-    train_seconds = time.perf_counter() - started
-    if not train_metrics.trainer.is_world_process_zero():  # torchrun: print, evaluate, save and publish once
-        return train_metrics
+    # 2-3. model, adapter, training on the k-shot prompts, classification of the evaluation split (see fit);
+    # with --sweep, once per trial scored on dev rows, then once more for the configuration picked
+    if tuning:
+        tuned = tuning.run(opts, shots, evaluation, fit=functools.partial(fit, labels=labels, source=source),
+                           evaluate=functools.partial(evaluate, labels=labels),
+                           dev=tuning.dev_split(train, exclude=shots)[1])
+        opts, fitted = tuned.options, tuned.fitted
+        print(tuned.table())
+    else:
+        fitted = fit(opts, shots, evaluation, labels=labels, source=source)
+    if not fitted.result.trainer.is_world_process_zero():  # torchrun: print, save and publish once
+        return fitted.result
+    model, metrics, train_metrics = fitted.model, fitted.metrics, fitted.result
     print(ak.summary(model))
-    metrics = evaluate_label_words(model, tokenizer, evaluation, words, template=template, method=opts.predict,
-                                   calibration=calibration)
 
     # 4. save and report
     folder = ak.save(model, f"{opts.output_dir}/adapter", name=opts.name,
@@ -107,14 +102,51 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "dataset": source["dataset"] or source["train_file"], "eval_data": source["eval_data"],
         "k_per_class": opts.k, "seed": opts.seed, "predict": opts.predict, "eval_rows": len(evaluation),
         "accuracy": round(metrics["accuracy"], 4), "macro_f1": round(metrics["macro_f1"], 4),
-        "train_loss": round(train_metrics["train_loss"], 4), "train_seconds": round(train_seconds, 1),
+        "train_loss": round(train_metrics["train_loss"], 4), "train_seconds": round(fitted.train_seconds, 1),
         "eval_seconds": round(metrics["seconds"], 1),
-        "adapter": str(folder),
+        "adapter": str(folder), **(tuned.summary() if tuning else {}),
     }
     if opts.publish:
         results["commit_url"] = ak.publish(folder, opts.publish)
     report_results(results, opts.results_json)
     return results
+
+
+def prompting(opts: Options, labels: list[str]) -> tuple[list[str], PromptTemplate, str | None]:
+    """The label words, prompt template and calibration that ``opts`` asks for."""
+    words = opts.label_words or [name.lower() for name in labels]
+    if len(words) != len(labels):
+        raise ak.InvalidOptionError(f"{len(words)} label_words for {len(labels)} labels ({labels}).")
+    # Plain prompts (no chat template): the adapter is trained and evaluated on the same rendered text.
+    template = PromptTemplate(instruction=opts.instruction, chat=False)
+    calibration = None if str(opts.calibration).lower() in ("none", "false", "") else opts.calibration
+    return words, template, calibration
+
+
+def fit(opts: Options, shots, evaluation, *, labels: list[str], source: dict) -> sweep.Fitted:
+    """A fresh base with an adapter trained on the k-shot prompts, then scored on ``evaluation``."""
+    words, template, _ = prompting(opts, labels)
+    rows = [{"prompt": template.render(t), "completion": " " + words[y]} for t, y in zip(shots["text"][:], shots["label"][:])]
+    model, tokenizer = ak.load_base(opts.model, task="causal-lm", bits=opts.bits)
+    ak.attach(model, opts.strategy, name=opts.name, **opts.adapter)
+    started = time.perf_counter()
+    train_metrics = ak.train(
+        model, tokenizer, rows, learning_rate=opts.learning_rate, num_epochs=opts.num_epochs,
+        batch_size=opts.batch_size, max_length=opts.max_length, seed=opts.seed, max_steps=opts.max_steps,
+        output_dir=f"{opts.output_dir}/checkpoints", eval_strategy="no",
+        recipe={"recipe": "fewshot_causal_lm", **dataclasses.asdict(opts), **source, "label_words": words},
+    )
+    fitted = sweep.Fitted(model, tokenizer, {}, time.perf_counter() - started, name=opts.name, result=train_metrics)
+    if train_metrics.trainer.is_world_process_zero():  # torchrun: evaluate (and later save) once
+        fitted.metrics = evaluate(opts, fitted, evaluation, labels=labels)
+    return fitted
+
+
+def evaluate(opts: Options, fitted: sweep.Fitted, rows, *, labels: list[str]) -> dict[str, Any]:
+    """Classify ``rows`` by the label words with the trained adapter."""
+    words, template, calibration = prompting(opts, labels)
+    return evaluate_label_words(fitted.model, fitted.tokenizer, rows, words, template=template, method=opts.predict,
+                                calibration=calibration)
 
 
 if __name__ == "__main__":

@@ -8,19 +8,23 @@ and optionally publishes to the Hub.
     python recipes/text_classification.py --strategy lora --dataset sst2
     python recipes/text_classification.py --config recipes/configs/sst2_minilm_lora.yaml --num-epochs 1
     adapterkit train text_classification --strategy head
+    python recipes/text_classification.py --sweep learning_rate=5e-4,2e-3 num_epochs=1,3   # picked on a dev split
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import sys
 import time
 from typing import Any
 
 import adapterkit as ak
+import adapterkit.sweep as sweep
 from adapterkit import data as akdata
-from adapterkit.options import parse_options, recipe_main, report_results, run_script
+from adapterkit.evaluate import evaluate_classifier
+from adapterkit.options import recipe_main, report_results, run_script
 
 
 @dataclasses.dataclass
@@ -58,7 +62,7 @@ class Options:
 
 @recipe_main
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    opts = parse_options(Options, argv, description=__doc__)
+    opts, tuning = sweep.parse_options(Options, argv, description=__doc__)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     started = time.perf_counter()
 
@@ -71,22 +75,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     train = akdata.subset(train, opts.max_train_rows, seed=opts.seed)
     evaluation = akdata.subset(evaluation, opts.max_eval_rows, seed=opts.seed)
 
-    # 2. base model and adapter
-    model, tokenizer = ak.load_base(opts.model, task="classification", label_names=labels, bits=opts.bits)
-    ak.attach(model, opts.strategy, name=opts.name, **opts.adapter)
-
-    # 3. train and evaluate; settings and over-long texts are checked before the first step
-    metrics = ak.train(
-        model, tokenizer, train, evaluation,
-        learning_rate=opts.learning_rate, num_epochs=opts.num_epochs, batch_size=opts.batch_size,
-        max_length=opts.max_length, length_policy=opts.length_policy, seed=opts.seed, max_steps=opts.max_steps,
-        output_dir=f"{opts.output_dir}/checkpoints",
-        recipe={"recipe": "text_classification", **dataclasses.asdict(opts), **source},
-    )
+    # 2-3. base model, adapter, training and evaluation (see fit); with --sweep, once per trial on a dev
+    # split of the training rows, then once more for the configuration picked
+    if tuning:
+        tuned = tuning.run(opts, train, evaluation, fit=functools.partial(fit, labels=labels, source=source),
+                           evaluate=functools.partial(evaluate, labels=labels))
+        opts, fitted = tuned.options, tuned.fitted
+        print(tuned.table())
+    else:
+        fitted = fit(opts, train, evaluation, labels=labels, source=source)
+    model, metrics = fitted.model, fitted.metrics
 
     # 4. save (and publish): once, from the first process when torchrun runs several
-    if not metrics.trainer.is_world_process_zero():
-        return {"rank": metrics.trainer.args.process_index, **metrics}
+    if not fitted.result.trainer.is_world_process_zero():
+        return {"rank": fitted.result.trainer.args.process_index, **fitted.result}
     summary = ak.summary(model)
     print(summary)
     folder = ak.save(model, f"{opts.output_dir}/adapter", name=opts.name)
@@ -94,17 +96,37 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "model": opts.model, "strategy": opts.strategy, "bits": opts.bits,
         "dataset": source["dataset"] or source["train_file"], "eval_data": source["eval_data"],
         "train_rows": len(train), "eval_rows": len(evaluation),
-        "accuracy": round(metrics.get("eval_accuracy", float("nan")), 4),
-        "macro_f1": round(metrics.get("eval_macro_f1", float("nan")), 4),
+        "accuracy": round(metrics["accuracy"], 4), "macro_f1": round(metrics["macro_f1"], 4),
         "trainable_params": summary.adapters[0].parameters if summary.adapters else summary.trainable_parameters,
         # head-only training spends part of its time building the feature cache: it counts
-        "train_seconds": round(metrics["train_seconds"], 1), "total_seconds": round(time.perf_counter() - started, 1),
-        "adapter": str(folder),
+        "train_seconds": round(fitted.train_seconds, 1), "total_seconds": round(time.perf_counter() - started, 1),
+        "adapter": str(folder), **(tuned.summary() if tuning else {}),
     }
     if opts.publish:
         results["commit_url"] = ak.publish(folder, opts.publish)
     report_results(results, opts.results_json)
     return results
+
+
+def fit(opts: Options, train, evaluation, *, labels: list[str], source: dict) -> sweep.Fitted:
+    """A fresh base with ``opts.strategy`` attached, trained on ``train`` and measured on ``evaluation``."""
+    model, tokenizer = ak.load_base(opts.model, task="classification", label_names=labels, bits=opts.bits)
+    ak.attach(model, opts.strategy, name=opts.name, **opts.adapter)
+    # settings and over-long texts are checked before the first step
+    metrics = ak.train(
+        model, tokenizer, train, evaluation,
+        learning_rate=opts.learning_rate, num_epochs=opts.num_epochs, batch_size=opts.batch_size,
+        max_length=opts.max_length, length_policy=opts.length_policy, seed=opts.seed, max_steps=opts.max_steps,
+        output_dir=f"{opts.output_dir}/checkpoints",
+        recipe={"recipe": "text_classification", **dataclasses.asdict(opts), **source},
+    )
+    scores = {k: metrics.get(f"eval_{k}", float("nan")) for k in ("accuracy", "macro_f1", "loss")}
+    return sweep.Fitted(model, tokenizer, scores, metrics["train_seconds"], name=opts.name, result=metrics)
+
+
+def evaluate(opts: Options, fitted: sweep.Fitted, rows, *, labels: list[str]) -> dict[str, Any]:
+    """A trained adapter's accuracy and macro-F1 on ``rows`` (the sweep's kept trial on the evaluation split)."""
+    return evaluate_classifier(fitted.model, fitted.tokenizer, rows, max_length=opts.max_length, num_labels=len(labels))
 
 
 if __name__ == "__main__":
