@@ -884,3 +884,40 @@ def test_card_snippet_names_the_embedded_alias(tmp_path):
     text = (folder / "README.md").read_text()
     assert "ak.load_base('minilm-l6'" in text
     assert "base_model: sentence-transformers/all-MiniLM-L6-v2" in text
+
+
+# --- attaching: a LoRA injection that fails midway leaves nothing behind -----------------
+@pytest.mark.parametrize("prev,options", [
+    (False, {"r": 4}),                                       # peft's injection into a bare base
+    (True, {"r": 4}),                                        # the same layers as 'prev': extended in place
+    (True, {"r": 4, "target_modules": ["query", "value", "key"]}),  # other targets: peft's path beside 'prev'
+], ids=["bare", "extend", "inject-beside"])
+def test_a_lora_injection_failing_midway_leaves_the_model_as_it_was(monkeypatch, prev, options):
+    from peft.tuners.lora import LoraLayer
+
+    model = with_prev() if prev else fresh("bert")
+    batch = make_batch("bert")
+    expected = logits(model, batch)
+    types = {n: type(m) for n, m in model.named_modules()}
+    state = ModelState(model)
+    real, calls = LoraLayer.update_layer, []
+
+    def third_layer_fails(self, adapter_name, *args, **kwargs):
+        if adapter_name == "new":
+            calls.append(adapter_name)
+            if len(calls) == 3:
+                raise MemoryError("simulated: out of memory on the third layer")
+        return real(self, adapter_name, *args, **kwargs)
+
+    monkeypatch.setattr(LoraLayer, "update_layer", third_layer_fails)
+    with pytest.raises(MemoryError, match="third layer"):
+        ak.attach(model, "lora", name="new", **options)
+    assert len(calls) == 3  # it did fail midway, after two layers took the adapter
+    state.assert_unchanged()
+    assert {n: type(m) for n, m in model.named_modules()} == types
+    assert not any("new" in getattr(m, "lora_A", {}) for m in model.modules())
+    assert "new" not in (getattr(model, "peft_config", None) or {})
+    torch.testing.assert_close(logits(model, batch), expected, rtol=0, atol=0)
+    monkeypatch.setattr(LoraLayer, "update_layer", real)
+    ak.attach(model, "lora", name="new", **options)  # the name is free again, and the layers attach cleanly
+    assert "new" in ak.list_adapters(model)

@@ -290,20 +290,37 @@ class LoraStrategy(Strategy):
         names = resolve_targets(model, config.target_modules)
         peft_cfg = self.peft_config(model, config, names)
         store = get_store(model)
-        with warnings.catch_warnings():
-            # peft warns about Conv1D fan_in_fan_out, which we set on purpose.
-            warnings.filterwarnings("ignore", message=".*fan_in_fan_out.*")
-            # Several adapters on one base is the point; peft warns about it.
-            warnings.filterwarnings("ignore", message=".*Already found a `peft_config`.*")
-            if _extend_existing_layers(model, peft_cfg, name, names, store.extra.get("lora_layers") or []):
-                store.extra["lora_peft_config"][name] = peft_cfg
-                return
-            peft.inject_adapter_in_model(peft_cfg, model, adapter_name=name)
+        had_configs = hasattr(model, "peft_config")
+        try:
+            with warnings.catch_warnings():
+                # peft warns about Conv1D fan_in_fan_out, which we set on purpose.
+                warnings.filterwarnings("ignore", message=".*fan_in_fan_out.*")
+                # Several adapters on one base is the point; peft warns about it.
+                warnings.filterwarnings("ignore", message=".*Already found a `peft_config`.*")
+                if _extend_existing_layers(model, peft_cfg, name, names, store.extra.get("lora_layers") or []):
+                    store.extra["lora_peft_config"][name] = peft_cfg
+                    return
+                peft.inject_adapter_in_model(peft_cfg, model, adapter_name=name)
+        except BaseException:
+            self._undo_partial(model, name, had_configs)
+            raise
         store.extra.setdefault("lora_peft_config", {})[name] = peft_cfg
         store.extra["lora_layers"] = _lora_layers(model)
         for _, layer in store.extra["lora_layers"]:
             peft_compat.enable_adapter_layer(layer)
             routing.reroute(layer, store, "lora")
+
+    def _undo_partial(self, model: nn.Module, name: str, had_configs: bool) -> None:
+        """Take out what a failed injection of ``name`` put in (it stops at the layer that failed):
+        the layers it wrapped go back to their base layers, the ones it extended lose ``name``."""
+        store = get_store(model)
+        store.extra["lora_layers"] = _lora_layers(model)
+        self.detach(model, name)
+        configs = getattr(model, "peft_config", None)
+        if isinstance(configs, dict):
+            configs.pop(name, None)
+            if not configs and not had_configs:
+                del model.peft_config
 
     def activate(self, model: nn.Module, name: str | None) -> None:
         # Not peft's set_adapter: it also flips requires_grad and slows with each adapter loaded.
