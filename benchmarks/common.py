@@ -100,6 +100,14 @@ def write_result(out: Path, name: str, payload: dict[str, Any]) -> Path:
     return path
 
 
+def save_json(out: str | None, name: str, result: dict[str, Any], *, quick: bool) -> Path | None:
+    """Write ``result`` to ``out`` (default: ``benchmarks/results/<name>.json``; a quick run: nowhere)."""
+    if out is None and quick:
+        return None
+    path = Path(out) if out else RESULTS / f"{name}.json"
+    return write_result(path.parent, path.stem, result)
+
+
 def table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     """A markdown table of ``rows`` restricted to ``columns``."""
     def fmt(v: Any) -> str:

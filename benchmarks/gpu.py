@@ -22,7 +22,6 @@ on the shapes alone. No accuracy is measured here.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import shutil
 import statistics
@@ -34,7 +33,7 @@ from typing import Any
 import torch
 import transformers as tf
 
-from benchmarks.common import RESULTS, environment, table
+from benchmarks.common import RESULTS, environment, save_json, table
 
 SMOLLM2_SHAPES = {"vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
                   "num_attention_heads": 9, "num_key_value_heads": 3, "max_position_embeddings": 2048,
@@ -215,10 +214,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if pool:
         print(f"pool load: {pool['load_ms']} ms")
         print(table(pool["mixed"], ["distinct_adapters", "base_ms", "pool_ms", "pool_fraction_of_base"]))
-    out = Path(args.out) if args.out else (None if args.quick else RESULTS / "gpu.json")
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    save_json(args.out, "gpu", result, quick=args.quick)
     return result
 
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import random
 import socket
 import statistics
@@ -40,7 +39,7 @@ from adapterkit.serve.pool import AdapterPool
 from adapterkit.serve.app import BackgroundServer, create_app
 from adapterkit.serve.engine import Engine
 from adapterkit.serve import vllm
-from benchmarks.common import RESULTS, environment, table
+from benchmarks.common import RESULTS, environment, save_json, table
 # One maker of perturbed LoRA adapters for the pool and serve benchmarks (a fresh LoRA's B is zero).
 from benchmarks.pool import _adapters as make_adapters
 
@@ -211,10 +210,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(table(rows, ["scenario", "engine", "adapters", "slots", "requests", "errors", "requests_per_s", "p50_ms",
                        "p95_ms"]))
     print(f"p95 with a working set of 2x the slots / in-cache p95: {ratio} (target <= {CHURN_TARGET})")
-    out = Path(args.out) if args.out else (None if args.quick else RESULTS / "serve.json")
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2, default=str) + "\n")
+    save_json(args.out, "serve", result, quick=args.quick)
     return result
 
 
