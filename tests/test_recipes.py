@@ -182,3 +182,19 @@ def test_torchrun_two_processes_save_once(tiny, toy_files, tmp_path):
     assert sum(line.startswith("trainable parameters:") for line in lines) == 1  # and prints the summary
     model, _ = ak.load_base(tiny["bert"], task="classification", label_names=["neg", "pos"])
     ak.load(model, str(out / "adapter"))
+
+
+
+CONFIGS = Path(__file__).resolve().parents[1] / "recipes" / "configs"
+
+
+@pytest.mark.parametrize("config", sorted(p.name for p in CONFIGS.glob("*.yaml")))
+def test_every_shipped_config_parses_with_the_recipe_it_names(config, monkeypatch):
+    # A config naming an option its recipe lost (or never had) fails before anything trains: caught here.
+    from adapterkit.cli import load_recipe
+    from adapterkit.options import parse_options, read_config
+
+    monkeypatch.chdir(CONFIGS.parents[1])
+    values = read_config(CONFIGS / config)
+    opts = parse_options(load_recipe(values.pop("recipe")).Options, ["--config", str(CONFIGS / config)])
+    assert {k: getattr(opts, k) for k in values} == values
