@@ -191,6 +191,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
         section = result["tasks"][task]
         title = f"{task}: {section['eval_rows']} rows, k={section['settings']['k']}/class, seeds {section['seeds']}"
         ax.set(title=title, ylabel="accuracy", ylim=(0, 1))
+        ax.tick_params(axis="x", labelrotation=20, labelsize=8)
     fig.suptitle("smollm2-135m few-shot (mean, min-max over seeds)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
