@@ -20,6 +20,8 @@ import sys
 import time
 from typing import Any
 
+import transformers
+
 import adapterkit as ak
 import adapterkit.sweep as sweep
 from adapterkit import data as akdata
@@ -110,6 +112,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 def fit(opts: Options, train, evaluation, *, labels: list[str], source: dict) -> sweep.Fitted:
     """A fresh base with ``opts.strategy`` attached, trained on ``train`` and measured on ``evaluation``."""
+    # A new label head and the adapter's initial weights come from the global RNG: seeded here, so
+    # a run does not depend on what used it earlier in the process.
+    transformers.set_seed(opts.seed)
     model, tokenizer = ak.load_base(opts.model, task="classification", label_names=labels, bits=opts.bits)
     ak.attach(model, opts.strategy, name=opts.name, **opts.adapter)
     # settings and over-long texts are checked before the first step
