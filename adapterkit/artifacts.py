@@ -353,18 +353,14 @@ def _verified_manifest(
                 for n in LEGACY_FILES if n != SIDECAR and (n in known or (folder / n).is_file())}
     changed = []
     for rel, entry in manifest.items():
-        path = folder / rel
-        if rel not in known and not path.is_file():
+        if rel not in known and not (folder / rel).is_file():
             raise AdapterFormatError(
                 f"{folder} is missing '{rel}', which adapterkit.save wrote there. The folder is incomplete: "
                 "save or download the adapter again."
             )
         if not enforce_card and rel in EDITABLE_FILES:
             continue
-        if rel in known:
-            if (known[rel].size, known[rel].sha256) != (entry["size"], entry["sha256"]):
-                changed.append(rel)
-        elif path.stat().st_size != entry["size"] or io.sha256_file(path) != entry["sha256"]:
+        if size_and_hash(rel) != (entry["size"], entry["sha256"]):
             changed.append(rel)
     if changed:
         raise AdapterFormatError(
@@ -797,20 +793,9 @@ def copy_weights(base: nn.Module, name: str, saved: SavedAdapter, *, strict_head
 def restore_weights(model: nn.Module, name: str, folder: Path) -> None:
     """Copy the weights saved in ``folder`` into the already loaded adapter ``name`` (resume)."""
     base = unwrap(model)
-    store = require_store(base)
-    folder = Path(folder)
-    impl = default_registry.get(store.record(name).strategy)()
-    sidecar = read_sidecar(folder)
-    weights = _hashed_weights(folder)
-    manifest = None
-    if sidecar is not None:
-        manifest = _verified_manifest(folder, sidecar, enforce_card=False,
-                                      known={weights.path.name: weights} if weights is not None else {})
-    weight_path = _weight_path(folder) if weights is None else weights.path
-    tensors = weights.tensors()
-    _check_tensors(tensors, weight_path, allow_nonfinite=False)
-    saved = SavedAdapter(folder, sidecar, impl, store.record(name).config, weight_path, tensors,
-                         _identity(folder, manifest, weights))
+    record = require_store(base).record(name)
+    saved = read_folder(Path(folder))  # every check a load makes; the record says what the tensors belong to
+    saved = dataclasses.replace(saved, strategy=default_registry.get(record.strategy)(), config=record.config)
     copy_weights(base, name, saved, strict_heads=True)
 
 

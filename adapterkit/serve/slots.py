@@ -170,20 +170,17 @@ class LoraSlots:
         self.written = [0] * (count + 1)
 
     def write(self, slot: int, a: torch.Tensor | None, b: torch.Tensor | None, g: torch.Tensor | None,
-              copies: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None) -> None:
-        """Copy one adapter's A (r x in), B (out x r) and DoRA scale (or nothing: a zero update) into ``slot``.
+              copies: tuple[list[torch.Tensor], list[torch.Tensor]]) -> None:
+        """Put one adapter's A (r x in), B (out x r) and DoRA scale (or nothing: a zero update) in ``slot``.
 
-        With ``copies`` (destinations, sources), A and B are appended there for the caller to copy
-        with every other layer's in one call (:func:`adapterkit.compat.torch.copy_all`).
+        A and B go into ``copies`` (destinations, sources): the caller copies every layer's in one
+        call (:func:`adapterkit.compat.torch.copy_all`); zeroing and the DoRA scale happen here.
         """
         rank = 0 if a is None else a.shape[0]
         with torch.no_grad():
-            if rank and copies is not None:
+            if rank:
                 copies[0].extend((self.A[slot, :rank], self.B[slot, :rank]))
                 copies[1].extend((a, b.T))
-            elif rank:
-                self.A[slot, :rank].copy_(a)
-                self.B[slot, :rank].copy_(b.T)
             if self.written[slot] > rank:
                 self.A[slot, rank:].zero_()
                 self.B[slot, rank:].zero_()
