@@ -27,13 +27,14 @@ from benchmarks.common import RESULTS, environment, run_side, table, write_resul
 LORA = ["peft_naive:lora", "peft_dynamic:lora", "peft_savvy:lora", "adapterkit:lora:query,value", "adapterkit:lora"]
 HEAD = ["peft_naive:head", "peft_dynamic:head", "peft_savvy:head", "adapterkit:head"]
 FULL = ["peft_naive:full", "peft_dynamic:full", "peft_savvy:full", "adapterkit:full"]
-#: adapterkit beside the savvy peer alone: issue 12's comparison, 3 rounds in alternating order.
-SAVVY_LORA = ["peft_savvy:lora", "adapterkit:lora:query,value"]
+#: adapterkit beside the savvy peer alone: issue 12's comparison, 3 rounds in alternating order,
+#: with adapterkit on torch's own dropout masks beside it (the bulk-mask speed-up's ablation).
+SAVVY_LORA = ["peft_savvy:lora", "adapterkit:lora:query,value", "adapterkit:lora:query,value:stock_dropout"]
 
 SUITES: dict[str, dict[str, Any]] = {
     "smoke": {
         "train": {"model": "minilm-l6", "train_rows": 32, "dev_rows": 32, "batch_size": 16, "max_length": 64, "epochs": 1},
-        "train_groups": [(["peft_savvy:lora", "adapterkit:lora:query,value"], 1)],
+        "train_groups": [(SAVVY_LORA, 1)],
         "runtime": None, "smollm2": None, "quality": None, "strategies": None,
     },
     "quick": {
@@ -163,6 +164,11 @@ def _ratios(by_side: dict[str, dict[str, Any]]) -> dict[str, float]:
                         ratios[f"{strategy}{label}_loop_speedup_vs_savvy"] = _ratio(base["loop_seconds"], ours["loop_seconds"])
                     if kind == "savvy" and "accuracy" in ours and "accuracy" in base:
                         ratios[f"{strategy}{label}_accuracy_minus_savvy"] = ours["accuracy"] - base["accuracy"]
+    ours, stock = by_side.get("adapterkit:lora:query,value"), by_side.get("adapterkit:lora:query,value:stock_dropout")
+    if ours and stock:
+        ratios["lora_bulk_dropout_speedup"] = _ratio(ours["real_tokens_per_s"], stock["real_tokens_per_s"])
+        ratios["lora_bulk_dropout_loop_speedup"] = _ratio(stock["loop_seconds"], ours["loop_seconds"])
+        ratios["lora_bulk_dropout_accuracy_change"] = ours["accuracy"] - stock["accuracy"]
     return {k: v for k, v in ratios.items() if v is not None}
 
 

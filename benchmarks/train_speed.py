@@ -9,7 +9,9 @@ SST-2 rows, batch 16, max length 64, 1 epoch by default. Sides:
   everything else as the other baselines. The two above are the naive baselines, kept for
   comparison with earlier results;
 - ``adapterkit:<strategy>[:<targets>]``: ``ak.attach`` + ``ak.train`` with its defaults
-  (length-grouped batches; head-only on cached features).
+  (length-grouped batches; head-only on cached features; bulk CPU dropout masks);
+- ``adapterkit:<strategy>:<targets>:stock_dropout``: the same with ``fast_dropout=False`` (torch's
+  own dropout masks), the ablation that isolates that speed-up.
 
 Each side runs in its own process (``benchmarks.common.run_side``); it counts the tokens the
 backbone really processed (padding included) and the real ones, and evaluates on the dev set.
@@ -146,8 +148,12 @@ def main() -> None:
     settings = json.loads(args.settings)
     load_before = os.getloadavg()
     torch.manual_seed(settings.get("seed", 0))
-    kind, _, rest = args.side.partition(":")
-    strategy, _, targets = rest.partition(":")
+    parts = args.side.split(":")
+    kind, strategy, targets, flags = parts[0], parts[1], parts[2] if len(parts) > 2 else "", parts[3:]
+    if flags not in ([], ["stock_dropout"]):
+        raise ValueError(f"unknown side flags {flags} in {args.side!r}: the only flag is stock_dropout")
+    if flags:
+        settings["train_options"] = {**settings.get("train_options", {}), "fast_dropout": False}
     if kind == "adapterkit":
         result = run_adapterkit(strategy, targets or None, settings)
     else:

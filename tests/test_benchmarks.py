@@ -38,7 +38,8 @@ def test_smoke_suite_writes_json_markdown_and_plot(tmp_path):
     section = result["train_speed"]
     assert section["settings"]["batch_size"] == 16 and section["settings"]["max_length"] == 64
     rows = section["rows"]
-    assert {r["side"] for r in rows} == {"peft_savvy:lora", "adapterkit:lora:query,value"}
+    assert {r["side"] for r in rows} == {"peft_savvy:lora", "adapterkit:lora:query,value",
+                                         "adapterkit:lora:query,value:stock_dropout"}
     for row in rows:
         for key in ROW_NUMBERS:
             assert isinstance(row[key], (int, float)) and not isinstance(row[key], bool), key
@@ -46,7 +47,7 @@ def test_smoke_suite_writes_json_markdown_and_plot(tmp_path):
         assert 0 < row["real_tokens"] <= row["processed_tokens"]
         assert row["peak_rss_mb"] >= row["peak_rss_after_load_mb"] > 0
         assert row["gflops_fraction_of_peak"] > 0  # LoRA rows get an achieved-FLOP/s estimate
-    assert "lora_tokens_per_s_vs_savvy" in section["ratios"]
+    assert "lora_tokens_per_s_vs_savvy" in section["ratios"] and "lora_bulk_dropout_speedup" in section["ratios"]
     assert section["ratios_per_round"]["lora_tokens_per_s_vs_savvy"]
 
     measures = {t["measure"]: t for t in result["targets"]}

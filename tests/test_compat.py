@@ -320,3 +320,22 @@ def test_compat_modules_import_only_torch_at_module_level():
             elif isinstance(node, ast.ImportFrom):
                 top.add((node.module or "").split(".")[0])
         assert top <= {"__future__", "collections", "typing", "torch"}, f"{module.name} imports {sorted(top)}"
+
+
+def test_a_registered_attention_runs_by_name_with_sdpa_masks_and_can_be_switched_back():
+    calls = []
+
+    def recording(module, query, key, value, attention_mask, **kwargs):
+        calls.append(attention_mask)
+        return transformers_compat.sdpa_attention(module, query, key, value, attention_mask, **kwargs)
+
+    transformers_compat.register_attention("adapterkit_test_recording", recording)
+    model = TINY["bert"]().eval()
+    batch = make_batch("bert")  # padding in the last row: the mask must reach the function
+    expected = model(**batch).logits
+    transformers_compat.set_attn_implementation(model.config, "adapterkit_test_recording")
+    torch.testing.assert_close(model(**batch).logits, expected)
+    assert len(calls) == 2 and calls[0] is not None and calls[0].dtype == torch.bool
+    transformers_compat.set_attn_implementation(model.config, "sdpa")
+    model(**batch)
+    assert len(calls) == 2

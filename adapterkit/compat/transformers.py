@@ -1,4 +1,4 @@
-"""transformers internals: Trainer's checkpoint hooks, its quantized-model flag, attention kind.
+"""transformers internals: Trainer's checkpoint hooks, its quantized-model flag, attention kind and registry.
 
 Checked against transformers 5.24.0 (``transformers.Trainer``, ``trainer_utils``).
 """
@@ -68,3 +68,32 @@ def attn_implementation(config: Any) -> str | None:
     ``"flex_attention"``...): transformers' private ``PretrainedConfig._attn_implementation``
     (transformers 5.24.0 has no public reader)."""
     return getattr(config, "_attn_implementation", None)
+
+
+def set_attn_implementation(config: Any, name: str) -> None:
+    """Make the model of ``config`` run attention ``name`` from its next forward on (its sub-configs
+    follow): the private setter behind :func:`attn_implementation`. Modules look the function up by
+    this name at every call (transformers 5.24.0), so no weight or module changes."""
+    config._attn_implementation = name
+
+
+def register_attention(name: str, function: Callable[..., Any]) -> None:
+    """Register ``function`` as attention implementation ``name``, with sdpa's mask format.
+
+    ``AttentionInterface.register`` and ``AttentionMaskInterface.register`` are transformers'
+    documented way to add an attention function; without the mask registration a custom name
+    would get no attention mask at all (transformers 5.24.0 skips masks for unknown names).
+    """
+    # Imported on use: transformers' modeling code takes seconds to load and ``import adapterkit`` must not.
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(name, function)
+    AttentionMaskInterface.register(name, sdpa_mask)
+
+
+def sdpa_attention(*args: Any, **kwargs: Any) -> Any:
+    """transformers' own sdpa attention function (``transformers.integrations.sdpa_attention``)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    return sdpa_attention_forward(*args, **kwargs)

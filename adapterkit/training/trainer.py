@@ -30,6 +30,7 @@ from adapterkit.metrics import quality_metrics
 from adapterkit.quantized import keep_4bit_trainable, quantization_of
 from adapterkit.registry import default_registry
 from adapterkit.state import freeze_all_but, require_store, unwrap
+from adapterkit.training.dropout import bulk_dropout, has_cpu_dropout, step_seeder
 from adapterkit.training.features import cached_backbone
 from adapterkit.training.settings import TrainSettings, position_limit, resolved_max_length, training_arguments
 from adapterkit.training.tasks import as_dataset, check_data
@@ -200,6 +201,10 @@ def _run(trainer: Any, base: nn.Module, cfg: TrainSettings, train_tok, eval_tok,
     started = time.perf_counter()
     try:
         with contextlib.ExitStack() as stack:
+            if cfg.fast_dropout is not False and has_cpu_dropout(base):
+                seeder = step_seeder(stack.enter_context(bulk_dropout(base, seed=trainer.args.seed)))
+                trainer.add_callback(seeder)
+                stack.callback(trainer.remove_callback, seeder)
             if use_cache:
                 tokenized = [d for d in (train_tok, eval_tok) if d is not None]
                 stack.enter_context(cached_backbone(base, tokenized, batch_size=trainer.args.per_device_eval_batch_size))
