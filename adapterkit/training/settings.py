@@ -48,7 +48,6 @@ OWNED = {
 TRAINER_DEFAULTS: dict[str, Any] = {
     "weight_decay": 0.01,
     "seed": 0,
-    "optim": "adamw_torch",
     "eval_strategy": "epoch",
     "save_strategy": "no",
     "eval_steps": 500,
@@ -76,7 +75,7 @@ class TrainSettings:
     ``save_total_limit=2``...), which Trainer then receives as it is.
 
     adapterkit's defaults differ from Trainer's for ``weight_decay`` (0.01), ``seed`` (0),
-    ``optim`` (``"adamw_torch"``), ``eval_strategy`` (``"epoch"``), ``save_strategy`` (``"no"``),
+    ``eval_strategy`` (``"epoch"``), ``save_strategy`` (``"no"``),
     ``eval_steps`` (500), ``logging_steps`` (50) and ``report_to`` (``"none"``); see
     :data:`TRAINER_DEFAULTS`. Without an accelerator ``dataloader_pin_memory`` is False.
 
