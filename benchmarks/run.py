@@ -48,6 +48,10 @@ SUITES: dict[str, dict[str, Any]] = {
         "train": {"model": "minilm-l6", "train_rows": 2000, "dev_rows": 872, "batch_size": 16, "max_length": 64, "epochs": 1,
                   "seed_per_round": True},
         "train_groups": [(SAVVY_LORA, 3)],
+        # smollm2-135m has no dropout: there only the rest of adapterkit's training path is compared
+        "train_smollm2": {"model": "smollm2-135m", "train_rows": 400, "dev_rows": 200, "batch_size": 16, "max_length": 64,
+                          "epochs": 1, "seed_per_round": True, "baseline_targets": ["q_proj", "v_proj"]},
+        "train_smollm2_groups": [(["peft_savvy:lora", "adapterkit:lora:q_proj,v_proj"], 3)],
         "runtime": None, "smollm2": None, "quality": None, "strategies": None,
     },
     "full": {
@@ -79,6 +83,8 @@ STEP_FLOP_FACTOR = {"lora": 4, "prefix": 4, "full": 6}
 TARGETS = [
     ("train_speed", "lora_tokens_per_s_vs_savvy", ">=", 1.3),
     ("train_speed", "lora_accuracy_minus_savvy", ">=", -0.005),
+    ("train_speed_smollm2", "lora_tokens_per_s_vs_savvy", ">=", 1.3),
+    ("train_speed_smollm2", "lora_accuracy_minus_savvy", ">=", -0.005),
     # The naive baselines (padding="max_length"; dynamic padding without length grouping).
     ("train_speed", "lora_tokens_per_s_vs_naive", ">=", 2.0),
     ("train_speed", "lora_tokens_per_s_vs_dynamic", ">=", 1.4),
@@ -153,7 +159,10 @@ def _ratios(by_side: dict[str, dict[str, Any]]) -> dict[str, float]:
     """adapterkit over the baselines, from sides measured next to each other."""
     ratios = {}
     for strategy in ("lora", "head", "full"):
-        for label, ours in (("", by_side.get(f"adapterkit:{strategy}:query,value") or by_side.get(f"adapterkit:{strategy}")),
+        # adapterkit at the baseline's targets (query,value on minilm-l6; q_proj,v_proj on smollm2-135m)
+        at_targets = next((row for side, row in by_side.items()
+                           if side.startswith(f"adapterkit:{strategy}:") and not side.endswith(":stock_dropout")), None)
+        for label, ours in (("", at_targets or by_side.get(f"adapterkit:{strategy}")),
                             ("_all_linear", by_side.get(f"adapterkit:{strategy}") if strategy == "lora" else None)):
             for kind in ("savvy", "naive", "dynamic"):
                 base = by_side.get(f"peft_{kind}:{strategy}")
@@ -164,11 +173,11 @@ def _ratios(by_side: dict[str, dict[str, Any]]) -> dict[str, float]:
                         ratios[f"{strategy}{label}_loop_speedup_vs_savvy"] = _ratio(base["loop_seconds"], ours["loop_seconds"])
                     if kind == "savvy" and "accuracy" in ours and "accuracy" in base:
                         ratios[f"{strategy}{label}_accuracy_minus_savvy"] = ours["accuracy"] - base["accuracy"]
-    ours, stock = by_side.get("adapterkit:lora:query,value"), by_side.get("adapterkit:lora:query,value:stock_dropout")
-    if ours and stock:
-        ratios["lora_bulk_dropout_speedup"] = _ratio(ours["real_tokens_per_s"], stock["real_tokens_per_s"])
-        ratios["lora_bulk_dropout_loop_speedup"] = _ratio(stock["loop_seconds"], ours["loop_seconds"])
-        ratios["lora_bulk_dropout_accuracy_change"] = ours["accuracy"] - stock["accuracy"]
+        stock = by_side.get(f"{at_targets['side']}:stock_dropout") if at_targets else None
+        if stock:
+            ratios[f"{strategy}_bulk_dropout_speedup"] = _ratio(at_targets["real_tokens_per_s"], stock["real_tokens_per_s"])
+            ratios[f"{strategy}_bulk_dropout_loop_speedup"] = _ratio(stock["loop_seconds"], at_targets["loop_seconds"])
+            ratios[f"{strategy}_bulk_dropout_accuracy_change"] = at_targets["accuracy"] - stock["accuracy"]
     return {k: v for k, v in ratios.items() if v is not None}
 
 
@@ -333,6 +342,8 @@ SECTIONS = [
     Section("padding", "train", lambda suite, checkpoint, results: padding_profile(suite["train"])),
     Section("train_speed", "train", flops=True, run=lambda suite, checkpoint, results: train_speed(
         suite["train"], suite["train_groups"], checkpoint=checkpoint)),
+    Section("train_speed_smollm2", "train_smollm2", flops=True, run=lambda suite, checkpoint, results: train_speed(
+        suite["train_smollm2"], suite["train_smollm2_groups"], checkpoint=checkpoint)),
     Section("runtime", "runtime", lambda suite, checkpoint, results: runtime(suite["runtime"])),
     Section("smollm2", "smollm2", flops=True, run=lambda suite, checkpoint, results: smollm2_memory(
         suite["smollm2"], checkpoint=checkpoint)),
@@ -361,6 +372,23 @@ def _training_settings(cfg: dict[str, Any]) -> str:
     return f"{cfg['train_rows']} rows, batch {cfg['batch_size']}, max length {cfg['max_length']}, {cfg['epochs']} epoch"
 
 
+def _train_speed_report(ts: dict[str, Any], model: str) -> list[str]:
+    """The markdown of a training-speed section."""
+    return [f"## Training: SST-2 on {model} ({_training_settings(ts['settings'])})", "",
+           table(ts["rows"], ["side", "rounds", "seconds", "loop_seconds", "real_tokens_per_s", "padding_fraction",
+                              "peak_rss_mb", "accuracy", "trainable_params", "achieved_gflops",
+                              "gflops_fraction_of_peak"]), "",
+           "`peft_savvy` (dynamic padding + `train_sampling_strategy=\"group_by_length\"`) is the reference; "
+           "`peft_naive` (`padding=\"max_length\"`) and `peft_dynamic` (dynamic padding, random batches) are the "
+           "naive baselines. `seconds` and `real_tokens_per_s` are medians over the rounds. adapterkit's seconds "
+           "include its tokenization and Trainer set-up (and, for head, the one backbone pass that fills the "
+           "feature cache); the baselines' exclude them. `loop_seconds` is Trainer's own `train_runtime` on every side.", "",
+           "Ratios (adapterkit / baseline, median over rounds; accuracy differences: mean over the rounds' seeds; "
+           "`lora` = adapterkit at the baseline's targets (query+value, q_proj+v_proj), `lora_all_linear` = adapterkit's default targets):", "",
+           table([{"ratio": k, "value": v, "per round": ", ".join(f"{x:.2f}" for x in ts.get("ratios_per_round", {}).get(k, []))}
+                  for k, v in ts["ratios"].items()], ["ratio", "value", "per round"]), ""]
+
+
 def report(results: dict[str, Any]) -> str:
     env = results["env"]
     parts = [f"# Benchmark results ({results['suite']} suite)", "",
@@ -376,7 +404,7 @@ def report(results: dict[str, Any]) -> str:
              "invocation and the ratios come from those neighbours. The machine is shared: read ratios, not absolutes.", ""]
     tg = [t for t in targets(results) if t["met"] != "not measured" or results.get(t["section"])]
     if tg:
-        parts += ["## Targets", "", table(tg, ["measure", "value", "target", "met"]), ""]
+        parts += ["## Targets", "", table(tg, ["section", "measure", "value", "target", "met"]), ""]
     pad = results.get("padding")
     if pad:
         parts += ["## Padding profile (no training): tokens the backbone processes per batching", "",
@@ -384,21 +412,10 @@ def report(results: dict[str, Any]) -> str:
                   f"If a step costs in proportion to the tokens it processes, length-grouped batches can reach at most "
                   f"{pad['ceiling_vs_naive']:.2f}x the real tokens/s of `padding=max_length` and "
                   f"{pad['ceiling_vs_dynamic']:.2f}x that of random dynamic batches.", ""]
-    ts = results.get("train_speed")
-    if ts:
-        parts += [f"## Training: SST-2 on minilm-l6 ({_training_settings(ts['settings'])})", "",
-                  table(ts["rows"], ["side", "rounds", "seconds", "loop_seconds", "real_tokens_per_s", "padding_fraction",
-                                     "peak_rss_mb", "accuracy", "trainable_params", "achieved_gflops",
-                                     "gflops_fraction_of_peak"]), "",
-                  "`peft_savvy` (dynamic padding + `train_sampling_strategy=\"group_by_length\"`) is the reference; "
-                  "`peft_naive` (`padding=\"max_length\"`) and `peft_dynamic` (dynamic padding, random batches) are the "
-                  "naive baselines. `seconds` and `real_tokens_per_s` are medians over the rounds. adapterkit's seconds "
-                  "include its tokenization and Trainer set-up (and, for head, the one backbone pass that fills the "
-                  "feature cache); the baselines' exclude them. `loop_seconds` is Trainer's own `train_runtime` on every side.", "",
-                  "Ratios (adapterkit / baseline, median over rounds; accuracy differences: mean over the rounds' seeds; "
-                  "`lora` = adapterkit at the baseline's targets query+value, `lora_all_linear` = adapterkit's default targets):", "",
-                  table([{"ratio": k, "value": v, "per round": ", ".join(f"{x:.2f}" for x in ts.get("ratios_per_round", {}).get(k, []))}
-                         for k, v in ts["ratios"].items()], ["ratio", "value", "per round"]), ""]
+    for key, model in (("train_speed", "minilm-l6"), ("train_speed_smollm2", "smollm2-135m")):
+        ts = results.get(key)
+        if ts:
+            parts += _train_speed_report(ts, model)
     sm = results.get("smollm2")
     if sm:
         parts += [f"## LoRA on smollm2-135m: fp32, 8-bit, 4-bit (SST-2 {_training_settings(sm['settings'])})", "",

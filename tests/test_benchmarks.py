@@ -50,7 +50,7 @@ def test_smoke_suite_writes_json_markdown_and_plot(tmp_path):
     assert "lora_tokens_per_s_vs_savvy" in section["ratios"] and "lora_bulk_dropout_speedup" in section["ratios"]
     assert section["ratios_per_round"]["lora_tokens_per_s_vs_savvy"]
 
-    measures = {t["measure"]: t for t in result["targets"]}
+    measures = {t["measure"]: t for t in result["targets"] if t["section"] != "train_speed_smollm2"}
     assert measures["lora_tokens_per_s_vs_savvy"]["met"] in ("yes", "NO")
     assert measures["switch_ms_2"]["met"] == "not measured"  # the smoke suite skips the runtime section
 
