@@ -10,7 +10,8 @@ from torch import nn
 import adapterkit as ak
 from adapterkit.compat import transformers as transformers_compat
 from adapterkit.errors import InvalidOptionError
-from adapterkit.training.dropout import ATTENTION, BulkDropout, MaskSource, bulk_dropout, dropout_attention, has_cpu_dropout
+from adapterkit.training.dropout import (ATTENTION, BulkDropout, MaskSource, bulk_dropout, dropout_attention,
+                                         has_cpu_dropout, torch_masks_vectorized)
 from tests.tiny import VOCAB, make_batch, save_tiny
 
 #: p below 1/131072 rounds to a threshold that keeps every element: the masks are then all ones
@@ -142,7 +143,7 @@ def test_models_without_dropout_are_left_alone():
     assert not has_cpu_dropout(dropout_bert(0.0))
 
 
-def test_train_uses_bulk_masks_by_default_and_honours_false(tmp_path, monkeypatch):
+def test_train_uses_bulk_masks_where_torch_masks_are_serial_and_honours_the_setting(tmp_path, monkeypatch):
     folder = save_tiny("bert", tmp_path / "m", hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1)
     base, tok = ak.load_base(folder, task="classification")
     ak.attach(base, "lora")
@@ -156,6 +157,10 @@ def test_train_uses_bulk_masks_by_default_and_honours_false(tmp_path, monkeypatc
     monkeypatch.setattr(BulkDropout, "forward", spy)
     rows = [{"text": f"w{3 + i % 20} w{5 + i % 7}", "label": i % 3} for i in range(16)]
     ak.train(base, tok, rows, num_epochs=1, batch_size=8, show_progress=False, output_dir=str(tmp_path / "out"))
+    assert bool(seen) == (not torch_masks_vectorized())  # the default: bulk masks where torch's are serial
+    seen.clear()
+    ak.train(base, tok, rows, num_epochs=1, batch_size=8, show_progress=False, output_dir=str(tmp_path / "out1"),
+             fast_dropout=True)
     assert seen and all(seen)
     assert not any(isinstance(m, BulkDropout) for m in base.modules())
     assert base.config._attn_implementation == "sdpa"

@@ -14,13 +14,18 @@ and, when the model runs transformers' ``"sdpa"`` attention, routes attention th
 is statistically the same training (each element is zeroed with probability ``p``, rounded to
 1/65536, and the survivors scaled by ``1 / (1 - p)``) from a different random stream; evaluation,
 accelerators and ``p = 0`` take the stock paths untouched. Everything is restored on exit.
+``ak.train`` uses it by default where torch's masks are serial (:func:`torch_masks_vectorized`
+is false: AMD and ARM CPUs, builds without MKL).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
+import platform
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -112,6 +117,22 @@ def dropout_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
 
 
 transformers_compat.register_attention(ATTENTION, dropout_attention)
+
+
+@functools.cache
+def torch_masks_vectorized() -> bool:
+    """Whether torch's own CPU masks take MKL's vector path: an MKL build on an Intel CPU (the
+    condition in ATen's CPU ``bernoulli_`` kernel). There bulk masks are not worth a new stream."""
+    return torch.backends.mkl.is_available() and "intel" in _cpu_vendor().lower()
+
+
+def _cpu_vendor() -> str:
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text(errors="replace").splitlines():
+            if line.startswith("vendor_id"):
+                return line.partition(":")[2].strip()  # GenuineIntel, AuthenticAMD...
+    return platform.processor()
 
 
 def has_cpu_dropout(model: nn.Module) -> bool:

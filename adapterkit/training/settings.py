@@ -105,7 +105,8 @@ class TrainSettings:
         fast_dropout: on the CPU, draw dropout masks in bulk from numpy's PCG64 instead of torch's
             element-by-element generator (:mod:`adapterkit.training.dropout`): the same dropout
             rate and scaling from another random stream, 10-15% less time per step on BERT-style
-            models. None does it whenever the model trains on the CPU with a dropout above 0.
+            models. None does it on the CPU unless torch's own masks are vectorized there (an MKL
+            build on an Intel CPU).
         trainer_args: the other ``TrainingArguments`` fields given by name (``seed``, ``optim``...).
     """
 

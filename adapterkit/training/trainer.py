@@ -30,7 +30,7 @@ from adapterkit.metrics import quality_metrics
 from adapterkit.quantized import keep_4bit_trainable, quantization_of
 from adapterkit.registry import default_registry
 from adapterkit.state import freeze_all_but, require_store, unwrap
-from adapterkit.training.dropout import bulk_dropout, has_cpu_dropout, step_seeder
+from adapterkit.training.dropout import bulk_dropout, has_cpu_dropout, step_seeder, torch_masks_vectorized
 from adapterkit.training.features import cached_backbone
 from adapterkit.training.settings import TrainSettings, position_limit, resolved_max_length, training_arguments
 from adapterkit.training.tasks import as_dataset, check_data
@@ -201,7 +201,8 @@ def _run(trainer: Any, base: nn.Module, cfg: TrainSettings, train_tok, eval_tok,
     started = time.perf_counter()
     try:
         with contextlib.ExitStack() as stack:
-            if cfg.fast_dropout is not False and has_cpu_dropout(base):
+            fast_dropout = not torch_masks_vectorized() if cfg.fast_dropout is None else cfg.fast_dropout
+            if fast_dropout and has_cpu_dropout(base):
                 seeder = step_seeder(stack.enter_context(bulk_dropout(base, seed=trainer.args.seed)))
                 trainer.add_callback(seeder)
                 stack.callback(trainer.remove_callback, seeder)
