@@ -145,3 +145,18 @@ def test_cached_backbone_returns_the_backbone_states_for_either_padding_side(sid
             expected = backbone(input_ids=torch.tensor([row])).last_hidden_state[0]
         torch.testing.assert_close(hidden[i][mask[i].bool()], expected, rtol=1e-4, atol=1e-5)
         assert not hidden[i][~mask[i].bool()].any()
+
+
+def test_the_default_fused_adamw_trains_like_the_for_loop_one(bert_tok, tmp_path):
+    """Trainer's default optimizer (fused AdamW on torch >= 2.8) against ``adamw_torch``: the same
+    weights after 8 steps within float rounding (rtol 1e-4)."""
+    data = toy_rows(32)
+    weights = {}
+    for optim in (None, "adamw_torch"):
+        model = ak.attach(fresh_bert(), "lora")
+        extra = {"optim": optim} if optim else {}
+        ak.train(model, bert_tok, data, output_dir=str(tmp_path / str(optim)), **{**SETTINGS, "num_epochs": 2}, **extra)
+        weights[optim] = {k: v.detach().clone() for k, v in ak.trainable_parameters(model, "default").items()}
+    assert any(not torch.equal(weights[None][k], torch.zeros_like(v)) for k, v in weights[None].items())
+    for key, value in weights[None].items():
+        torch.testing.assert_close(value, weights["adamw_torch"][key], rtol=1e-4, atol=1e-6)
