@@ -310,7 +310,7 @@ def test_compat_modules_import_only_torch_at_module_level():
 
     folder = Path(adapterkit.compat.__file__).parent
     modules = sorted(folder.glob("*.py"))
-    assert {m.stem for m in modules} >= {"__init__", "peft", "transformers", "bnb", "torch", "huggingface_hub"}
+    assert {m.stem for m in modules} >= {"__init__", "peft", "transformers", "bnb", "torch", "huggingface_hub", "datasets"}
     for module in modules:
         tree = ast.parse(module.read_text())
         top = set()
@@ -339,3 +339,17 @@ def test_a_registered_attention_runs_by_name_with_sdpa_masks_and_can_be_switched
     transformers_compat.set_attn_implementation(model.config, "sdpa")
     model(**batch)
     assert len(calls) == 2
+
+
+def test_a_dataset_fingerprint_is_a_string_that_every_transform_changes():
+    import datasets
+
+    from adapterkit.compat import datasets as datasets_compat
+
+    ds = datasets.Dataset.from_list([{"text": "a"}, {"text": "b"}])
+    first = datasets_compat.fingerprint(ds)
+    assert isinstance(first, str) and first
+    mapped = ds.map(lambda row: {"n": len(row["text"])})
+    assert datasets_compat.fingerprint(mapped) not in (None, first)
+    assert datasets_compat.fingerprint(ds.map(lambda row: row, new_fingerprint="f" * 32)) == "f" * 32
+    assert datasets_compat.fingerprint(object()) is None

@@ -271,3 +271,29 @@ def test_pair_rows_are_not_trained_on_cached_features(tok):
     assert metrics["cached_features"] is False
     with pytest.raises(ak.InvalidOptionError, match="cache_features=True cannot serve 'pair-classification' rows"):
         ak.train(bert_with("head"), tok, pairs, max_steps=1, cache_features=True, **QUIET)
+
+
+def test_tokenized_data_is_named_by_its_input_tokenizer_and_settings(tokenizers):
+    """The cheap fingerprint is stable (datasets' caches can be reused) and changes with anything
+    that changes the tokens: the rows, the tokenizer, its special tokens, the settings."""
+    from adapterkit.compat.datasets import fingerprint
+
+    rows = datasets.Dataset.from_list([{"text": "w3 w4 w5", "label": 0}, {"text": "w6 w7", "label": 1}])
+    other_rows = datasets.Dataset.from_list([{"text": "w3 w4", "label": 0}, {"text": "w6 w7", "label": 1}])
+
+    def name(ds, tok, **options):
+        return fingerprint(tokenize(ds, tok, task="classification", **{"max_length": 16, **options}))
+
+    bert = tokenizers["bert"]
+    first = name(rows, bert)
+    assert name(rows, bert) == first
+    changed = copy.deepcopy(bert)
+    changed.add_tokens(["w99"])
+    renamed = copy.deepcopy(bert)
+    renamed.pad_token = "</s>"
+    others = {name(other_rows, bert), name(rows, bert, max_length=2), name(rows, changed), name(rows, renamed),
+              name(rows, bert, what="eval_data")}
+    assert first not in others and len(others) == 5
+    # and the result is the plain tokenization
+    assert tokenize(rows, bert, task="classification", max_length=2)["input_ids"] == bert(
+        ["w3 w4 w5", "w6 w7"], truncation=True, max_length=2)["input_ids"]

@@ -2,8 +2,8 @@
 
 peft's layer internals (:mod:`.peft`), transformers' Trainer hooks and model flags
 (:mod:`.transformers`), bitsandbytes' storage layouts and CPU repacking (:mod:`.bnb`),
-torch's tensor version counter and compile wrapper (:mod:`.torch`) and huggingface_hub's HTTP
-client factory (:mod:`.huggingface_hub`). Each function's docstring says what it relies
+torch's tensor version counter and compile wrapper (:mod:`.torch`), huggingface_hub's HTTP
+client factory (:mod:`.huggingface_hub`) and datasets' fingerprints (:mod:`.datasets`). Each function's docstring says what it relies
 on and the version it was checked against; ``tests/test_compat.py`` checks each against the
 installed library, so an upgrade that changes one fails there, not deep inside a caller.
 
