@@ -170,6 +170,12 @@ def test_train_uses_bulk_masks_where_torch_masks_are_serial_and_honours_the_sett
     assert not seen
     with pytest.raises(InvalidOptionError, match="fast_dropout"):
         ak.train(base, tok, rows, fast_dropout="yes")
+    with pytest.raises(InvalidOptionError, match="fast_dropout=True cannot be combined with gradient checkpointing"):
+        ak.train(base, tok, rows, fast_dropout=True, gradient_checkpointing=True)
+    seen.clear()  # automatic: off under checkpointing, whose recomputed forwards must see the same masks
+    ak.train(base, tok, rows, num_epochs=1, batch_size=8, show_progress=False, output_dir=str(tmp_path / "out3"),
+             gradient_checkpointing=True)
+    assert not seen
 
 
 @pytest.mark.parametrize("fast", [True, False])

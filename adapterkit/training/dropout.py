@@ -34,6 +34,7 @@ import transformers  # a lazy module: TrainerCallback loads on first use
 from torch import nn
 
 from adapterkit.compat import transformers as transformers_compat
+from adapterkit.errors import InvalidOptionError
 
 logger = logging.getLogger(__name__)
 
@@ -133,6 +134,24 @@ def _cpu_vendor() -> str:
             if line.startswith("vendor_id"):
                 return line.partition(":")[2].strip()  # GenuineIntel, AuthenticAMD...
     return platform.processor()
+
+
+def use_bulk_dropout(setting: bool | None, model: nn.Module, *, checkpointing: bool) -> bool:
+    """Whether training ``model`` draws bulk masks: ``setting`` (None: where torch's own masks are
+    serial), on a CPU model with dropout, never under gradient checkpointing.
+
+    Raises:
+        InvalidOptionError: ``setting`` is True under gradient checkpointing, whose recomputed
+            forwards restore torch's generator but would draw new bulk masks (wrong gradients).
+    """
+    if setting and checkpointing:
+        raise InvalidOptionError(
+            "fast_dropout=True cannot be combined with gradient checkpointing: the recomputed forward passes "
+            "would draw other dropout masks than the first ones. Leave fast_dropout unset (automatic: off under "
+            "checkpointing) or turn gradient checkpointing off.")
+    if setting is None:
+        setting = not torch_masks_vectorized()
+    return bool(setting) and not checkpointing and has_cpu_dropout(model)
 
 
 def has_cpu_dropout(model: nn.Module) -> bool:

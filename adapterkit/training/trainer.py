@@ -30,7 +30,7 @@ from adapterkit.metrics import quality_metrics
 from adapterkit.quantized import keep_4bit_trainable, quantization_of
 from adapterkit.registry import default_registry
 from adapterkit.state import freeze_all_but, require_store, unwrap
-from adapterkit.training.dropout import bulk_dropout, has_cpu_dropout, step_seeder, torch_masks_vectorized
+from adapterkit.training.dropout import bulk_dropout, step_seeder, use_bulk_dropout
 from adapterkit.training.features import cached_backbone
 from adapterkit.training.settings import TrainSettings, position_limit, resolved_max_length, training_arguments
 from adapterkit.training.tasks import as_dataset, check_data
@@ -113,6 +113,8 @@ def train(
             shape.check_lengths(ds, tokenizer, policy=cfg.length_policy, what=what, **lengths)
     strategy = default_registry.get(record.strategy)()
     use_cache = _use_cache(cfg, shape, strategy, base, name, record.strategy)
+    bulk = use_bulk_dropout(cfg.fast_dropout, base, checkpointing=cfg.gradient_checkpointing
+                            or bool(getattr(base, "is_gradient_checkpointing", False)))
     lr = cfg.learning_rate or (cfg.args.learning_rate if cfg.args is not None else strategy.default_learning_rate)
     output_dir = cfg.output_dir or (cfg.args.output_dir if cfg.args is not None else None)
     args = training_arguments(cfg, output_dir=output_dir or tempfile.mkdtemp(prefix="adapterkit-train-"),
@@ -143,7 +145,7 @@ def train(
         trainer.adapter_name = name
         logger.info("Training adapter '%s' (%s, %s rows): %d trainable parameters, lr %g, %s epochs", name,
                     record.strategy, shape.name, sum(p.numel() for p in params.values()), lr, args.num_train_epochs)
-        metrics = _run(trainer, base, cfg, train_tok, eval_tok, last_eval, use_cache)
+        metrics = _run(trainer, base, cfg, train_tok, eval_tok, last_eval, use_cache, bulk)
     finally:
         if mark:
             transformers_compat.unmark_peft_loaded(base)
@@ -192,7 +194,7 @@ def _use_cache(cfg: TrainSettings, shape: Any, strategy: Any, base: nn.Module, n
 
 
 def _run(trainer: Any, base: nn.Module, cfg: TrainSettings, train_tok, eval_tok, last_eval: Any,
-         use_cache: bool) -> dict[str, Any]:
+         use_cache: bool, bulk: bool) -> dict[str, Any]:
     """Run Trainer (on cached backbone features when asked) and collect the metrics."""
     if cfg.gradient_checkpointing:
         base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -201,8 +203,7 @@ def _run(trainer: Any, base: nn.Module, cfg: TrainSettings, train_tok, eval_tok,
     started = time.perf_counter()
     try:
         with contextlib.ExitStack() as stack:
-            fast_dropout = not torch_masks_vectorized() if cfg.fast_dropout is None else cfg.fast_dropout
-            if fast_dropout and has_cpu_dropout(base):
+            if bulk:
                 seeder = step_seeder(stack.enter_context(bulk_dropout(base, seed=trainer.args.seed)))
                 trainer.add_callback(seeder)
                 stack.callback(trainer.remove_callback, seeder)
