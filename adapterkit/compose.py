@@ -6,6 +6,12 @@ by a gradient-free optimizer (CMA-ES, from the ``cma`` package) on the few-shot 
 L1 penalty that keeps weights small. Every evaluation is one forward over the examples, so
 composing costs a few dozen forwards, not a training run.
 
+Each evaluation folds the candidate's update ``sum_i w_i s_i B_i A_i`` into the adapted base
+weights and runs the bare base, so it costs a bare-base forward, not one through a rank-sum
+LoRA adapter; the base weights are copied back from a saved copy afterwards, bit for bit (the
+price: one copy of the adapted weights in memory). ``fold=False`` evaluates through the
+adapter instead (the same loss up to float rounding).
+
 Candidates are adapters already loaded on the model or sources (folders, Hub ids) that are
 loaded for the search; only those trained on this very base (the fingerprint in their
 sidecar) take part, the others are skipped and named in the result's record.
@@ -53,6 +59,7 @@ def compose(
     method: str = "cat",
     seed: int = 0,
     keep_candidates: bool = False,
+    fold: bool = True,
 ) -> nn.Module:
     """Merge ``candidates`` with weights learnt from ``examples``; the result is active on ``model``.
 
@@ -74,11 +81,19 @@ def compose(
         seed: seeds the optimizer, so a call is reproducible.
         keep_candidates: keep the candidates this call loaded (default: detach them; the
             composed adapter has its own tensors).
+        fold: evaluate each weight vector with its update added into the base weights (a
+            bare-base forward; needs a copy of the adapted base weights in memory, and no other
+            thread may use the model meanwhile). Adapters that cannot be folded (quantized
+            or shared base weights, DoRA, embedding LoRA, label heads) are evaluated through
+            the adapter, and the record says why. False: always through the adapter.
 
     Returns:
         The same model, carrying ``name``. Its record's ``meta["merge"]`` names the candidates,
         the weights found and, under ``"search"``, the examples used, the loss reached (and the
-        base's, with every weight 0), the evaluations and the skipped candidates.
+        base's, with every weight 0), the evaluations, the best objective after each one
+        (``"curve"``) and the best point after each generation (``"generations"``: the search is
+        deterministic, so a smaller ``max_evaluations`` would have stopped there), how the
+        evaluations were computed (``"evaluation"``) and the skipped candidates.
 
     Raises:
         InvalidOptionError: bad options, no examples, or fewer than two candidates fit.
@@ -103,7 +118,7 @@ def compose(
         was_training = base.training
         base.eval()
         try:
-            search = _search(cma, base, name, names, batches, loss_fn, l1, max_evaluations, bounds, seed)
+            search = _search(cma, base, name, names, batches, loss_fn, l1, max_evaluations, bounds, seed, fold)
         finally:
             base.train(was_training)
     except BaseException:
@@ -198,17 +213,77 @@ def _free_name(base: nn.Module, source: str) -> str:
     return name
 
 
+class _FoldedBase:
+    """Adapter ``name``'s update written into the base weights it adapts, and taken out again.
+
+    ``apply`` sets every adapted weight to ``W + delta`` from a copy of ``W`` taken once, and
+    ``restore`` copies ``W`` back, so the base ends bit-identical (adding and subtracting the
+    update would not, in floating point). ``reason`` says why folding is off, or is None.
+    """
+
+    def __init__(self, base: nn.Module, name: str) -> None:
+        self.name = name
+        self.layers = [m for m in base.modules() if name in (getattr(m, "lora_A", None) or {})]
+        self.reason = _unfoldable(base, name, self.layers)
+        self.saved = [] if self.reason else [m.get_base_layer().weight.detach().clone() for m in self.layers]
+
+    def apply(self) -> None:
+        with torch.no_grad():
+            for layer, original in zip(self.layers, self.saved):
+                weight = layer.get_base_layer().weight
+                weight.copy_(original).add_(layer.get_delta_weight(self.name).to(weight.dtype))
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for layer, original in zip(self.layers, self.saved):
+                layer.get_base_layer().weight.copy_(original)
+
+
+def _unfoldable(base: nn.Module, name: str, layers: list[nn.Module]) -> str | None:
+    """Why adapter ``name``'s update cannot be folded into the base weights exactly (None: it can)."""
+    store = get_store(base)
+    if store is not None and store.heads.get(name):
+        return "the adapter has label heads of its own"
+    if not layers:
+        return "no LoRA layer carries the adapter"
+    # A weight shared with another parameter (tied embeddings) would change there too.
+    counts: dict[int, int] = {}
+    for _, p in base.named_parameters(remove_duplicate=False):
+        counts[p.data_ptr()] = counts.get(p.data_ptr(), 0) + 1
+    for layer in layers:
+        inner = layer.get_base_layer()
+        weight = getattr(inner, "weight", None)
+        if not isinstance(inner, nn.Linear) or not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
+            return f"{type(inner).__name__} base layers (quantized or not linear) cannot take the update"
+        if getattr(layer, "use_dora", {}).get(name) or getattr(layer, "merged_adapters", None):
+            return "DoRA or an adapter already merged into the base"
+        if counts.get(weight.data_ptr(), 0) > 1:
+            return "an adapted base weight is shared with another parameter (tied weights)"
+    return None
+
+
 def _search(cma: Any, base: nn.Module, name: str, names: list[str], batches: list[Batch], loss_fn: LossFn,
-            l1: float, max_evaluations: int, bounds: tuple[float, float], seed: int) -> dict[str, Any]:
+            l1: float, max_evaluations: int, bounds: tuple[float, float], seed: int, fold: bool) -> dict[str, Any]:
     """CMA-ES over the weights from all-zero (the bare base), LoraHub's start; the best point found."""
     rows = sum(_rows(b) for b in batches)
+    folded = _FoldedBase(base, name) if fold else None
+    how = "folded into the base weights" if fold else "through the adapter (fold=False)"
+    if folded is not None and folded.reason:
+        logger.info("compose: evaluating through the adapter, not folded: %s", folded.reason)
+        how, folded = f"through the adapter ({folded.reason})", None
 
     def few_shot_loss(weights: list[float]) -> float:
         reweight(base, name, dict(zip(names, weights)))
         total = 0.0
-        with torch.no_grad(), api.use(base, name):
-            for batch in batches:
-                total += float(loss_fn(base, batch)) * _rows(batch)
+        try:
+            if folded is not None:
+                folded.apply()
+            with torch.no_grad(), api.use(base, None if folded is not None else name):
+                for batch in batches:
+                    total += float(loss_fn(base, batch)) * _rows(batch)
+        finally:
+            if folded is not None:
+                folded.restore()
         return total / rows
 
     zero = [0.0] * len(names)
@@ -217,7 +292,7 @@ def _search(cma: Any, base: nn.Module, name: str, names: list[str], batches: lis
     # sigma: a quarter of the range, so the first generation already spans most of it.
     options = {"bounds": list(bounds), "seed": seed + 1, "verbose": -9}
     es = cma.CMAEvolutionStrategy(zero, (bounds[1] - bounds[0]) / 4, options)
-    used = 1
+    used, curve, generations = 1, [base_loss], []
     while not es.stop() and used + es.popsize <= max_evaluations:
         points = [list(map(float, p)) for p in es.ask()]
         values = []
@@ -227,8 +302,10 @@ def _search(cma: Any, base: nn.Module, name: str, names: list[str], batches: lis
             values.append(value if math.isfinite(value) else float("inf"))
             if values[-1] < best_value:
                 best, best_loss, best_value = p, loss, values[-1]
+            curve.append(best_value)
         es.tell(points, values)
         used += len(points)
+        generations.append({"evaluations": used, "score": best_value, "weights": dict(zip(names, best))})
     reweight(base, name, dict(zip(names, best)))
     return {
         "optimizer": f"CMA-ES (cma {getattr(cma, '__version__', '?')})",
@@ -241,6 +318,9 @@ def _search(cma: Any, base: nn.Module, name: str, names: list[str], batches: lis
         "loss": best_loss,
         "base_loss": base_loss,
         "score": best_value,
+        "curve": curve,
+        "generations": generations,
+        "evaluation": how,
     }
 
 

@@ -1,9 +1,10 @@
 """An adapter library on smollm2-135m, and leave-one-task-out composition from it (issue 11, part 4).
 
 ``python -m benchmarks.library [--tasks sst2 trec ag_news] [--seeds 0 1 2] [--rows 128]
-[--eval-rows 200] [--methods ...] [--compose-loss raw|calibrated] [--quick]
-[--out benchmarks/results/library.json]`` prints a table and writes the JSON, a markdown table
-and a PNG beside it; ``--report JSON`` redoes the table and PNG of a run stopped early.
+[--eval-rows 200] [--dev-rows 64] [--methods ...] [--compose-loss raw|calibrated] [--fold-check]
+[--quick] [--out benchmarks/results/library.json]`` prints a table and writes the JSON, a
+markdown table and a PNG beside it; ``--report JSON`` redoes the table and PNG of a run stopped
+early; ``--add-to JSON`` adds more methods or seeds to a result with the same data settings.
 
 1. The library: one LoRA task adapter per task of ``shared/data``, trained on ``--rows`` rows for
    one epoch: SST-2, TREC and AG News as label-word tasks, self-instruct and GSM8K as generation
@@ -14,17 +15,28 @@ and a PNG beside it; ``--report JSON`` redoes the table and PNG of a run stopped
 2. Leave-one-task-out, for each label-word task T: ``ak.compose`` searches the weights of the
    OTHER tasks' adapters (CMA-ES on the few-shot label-word loss + L1) from k examples per class
    of T, beside, on the same examples (per seed) and the same evaluation rows:
-   zero-shot (same prompt, contextual calibration as the library does); in-context (as many of the
+   zero-shot (same prompt); in-context (as many of the
    examples as fit in ``--icl-tokens``, classes alternating); few-shot LoRA trained on them (the
    defaults of ``recipes/fewshot_causal_lm.py``, read from its ``Options``); and SetFit
    (minilm-l6 body) when the ``setfit`` package can be imported (``--setfit-path`` adds a folder
    it was installed into; otherwise it is recorded as skipped, with why).
    Diagnostics (seed-free): each candidate adapter alone on T, and T's own library adapter (the
    one left out; what a trained adapter reaches), on ``--diagnose-rows`` of the same rows.
+   Scoring: every label-word run is scored raw and contextually calibrated in one pass; which
+   of the two a run reports as its ``accuracy`` is chosen by its accuracy on ``--dev-rows``
+   rows held out of T's training split (the examples are drawn from the rest), never on the
+   evaluation rows. Both are kept. (Calibration helps the bare base and in-context prompts,
+   whose label-word prior is skewed, and can hurt adapters trained on the label words.)
 3. Compute: wall seconds of each method's adaptation and evaluation; the tokens each training-
    based method processes: few-shot LoRA forward+backward tokens (rows x epochs), composition
    forward tokens (evaluations x the examples' tokens). Forward-equivalents count a training
-   token as 3 forwards (backward ~ 2x forward, the usual 6N vs 2N FLOP rule).
+   token as 3 forwards (backward ~ 2x forward, the usual 6N vs 2N FLOP rule). Composition
+   records its objective after every evaluation and its best weights after every CMA-ES
+   generation: the search is deterministic, so these say exactly what fewer evaluations
+   would have found. ``--fold-check`` runs the first task's first-seed composition a second
+   time through the adapter (``fold=False``), and once more with the instruction prefix in
+   every row, to time what folding the update into the base weights and encoding the shared
+   prefix once per batch save, and to show that they find the same weights.
 
 ``--quick`` runs the whole code path in seconds on a tiny random Llama (built in a temporary
 folder, unless ``--model`` names one) with a few rows: the numbers mean nothing, the shape does.
@@ -34,6 +46,7 @@ folder, unless ``--model`` names one) with a few rows: the numbers mean nothing,
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import hashlib
 import json
@@ -93,11 +106,13 @@ GENERATION_TASKS = ("self_instruct", "gsm8k")
 LIBRARY = (*LABEL_TASKS, *GENERATION_TASKS)
 GSM8K_INSTRUCTION = "Solve the math word problem. Show the steps, then the final number after ####."
 
-FULL = {"rows": 128, "eval_rows": 200, "diagnose_rows": 80, "library_epochs": 1.0, "library_lr": 2e-3,
+FULL = {"rows": 128, "eval_rows": 200, "dev_rows": 64, "diagnose_rows": 80, "library_epochs": 1.0, "library_lr": 2e-3,
         "library_max_length": 128, "k": 16, "compose_evaluations": 25, "compose_l1": 0.05, "compose_loss": "raw",
+        "compose_prefix": "shared",
         "icl_tokens": 1024, "setfit_iterations": 5}
-QUICK = {"rows": 8, "eval_rows": 12, "diagnose_rows": 6, "library_epochs": 1.0, "library_lr": 2e-3,
+QUICK = {"rows": 8, "eval_rows": 12, "dev_rows": 6, "diagnose_rows": 6, "library_epochs": 1.0, "library_lr": 2e-3,
          "library_max_length": 64, "k": 2, "compose_evaluations": 10, "compose_l1": 0.05, "compose_loss": "raw",
+         "compose_prefix": "shared",
          "icl_tokens": 200, "setfit_iterations": 1}
 
 
@@ -136,12 +151,18 @@ def train_tokens(tokenizer: Any, rows: list[dict[str, str]], max_length: int) ->
     return sum(min(len(i), max_length) for i in ids)
 
 
-def task_split(task: str, settings: dict[str, Any]) -> tuple[datasets.Dataset, datasets.Dataset]:
-    """T's training split (the examples are drawn from it) and the fixed evaluation rows (seed 0)."""
+def task_split(task: str, settings: dict[str, Any]) -> tuple[datasets.Dataset, datasets.Dataset, datasets.Dataset]:
+    """T's example pool, its dev rows and the fixed evaluation rows (all seed 0).
+
+    The dev rows are carved from the training split (``dev_rows``, stratified) and the examples
+    are drawn from the rest, so choosing raw or calibrated scores on the dev rows never looks at
+    the evaluation rows nor at the examples a method was fitted to.
+    """
     spec = LABEL_TASKS[task]
     train, _ = akdata.local_dataset(spec.dataset, "train")
+    pool, dev = akdata.stratified_split(train, settings["dev_rows"], seed=0)
     evaluation, _ = akdata.local_dataset(spec.dataset, spec.eval_split)
-    return train, akdata.subset(evaluation, settings["eval_rows"], seed=0)
+    return pool, dev, akdata.subset(evaluation, settings["eval_rows"], seed=0)
 
 
 # --- the library --------------------------------------------------------------------------------
@@ -186,14 +207,33 @@ def build_library(model: Any, tokenizer: Any, model_name: str, settings: dict[st
 # --- the methods --------------------------------------------------------------------------------
 def evaluate(model: Any, tokenizer: Any, task: str, rows: datasets.Dataset, adapter: str | None,
              examples: list[tuple[str, str]] | None = None) -> dict[str, Any]:
-    """Calibrated label-word accuracy of ``adapter`` (None: the bare base) on ``rows``."""
+    """Label-word accuracy of ``adapter`` (None: the bare base) on ``rows``, calibrated and raw (one pass)."""
     spec = LABEL_TASKS[task]
     ak.use(model, adapter)
     result = ak.evaluate_label_words(model, tokenizer, rows, list(spec.words), template=spec.template,
                                      examples=examples or (), calibration="contextual")
-    keep = ("accuracy", "macro_f1", "class_shares", "raw_accuracy", "seconds")
+    keep = ("accuracy", "macro_f1", "class_shares", "raw_accuracy", "raw_macro_f1", "raw_class_shares", "seconds")
     return {k: (round(v, 4) if isinstance(v, float) else [round(x, 4) for x in v] if isinstance(v, list) else v)
             for k, v in result.items() if k in keep}
+
+
+def scored(model: Any, tokenizer: Any, task: str, dev: datasets.Dataset, evaluation: datasets.Dataset,
+           adapter: str | None, examples: list[tuple[str, str]] | None = None) -> dict[str, Any]:
+    """Evaluate on the dev rows and the evaluation rows, each scored calibrated and raw.
+
+    ``accuracy`` is the scoring this run's dev rows prefer (calibrated on a tie), ``scoring`` says
+    which, from ``dev_calibrated`` and ``dev_raw``; both are kept (``calibrated_accuracy``,
+    ``raw_accuracy``). A seeded method's summary chooses from its dev rows pooled over its seeds
+    (:func:`method_scoring`).
+    """
+    on_dev = evaluate(model, tokenizer, task, dev, adapter, examples)
+    result = evaluate(model, tokenizer, task, evaluation, adapter, examples)
+    raw = on_dev["raw_accuracy"] > on_dev["accuracy"]
+    chosen = {"accuracy": result["raw_accuracy"], "macro_f1": result["raw_macro_f1"],
+              "class_shares": result["raw_class_shares"]} if raw else {}
+    return {**result, "calibrated_accuracy": result["accuracy"], "calibrated_macro_f1": result["macro_f1"], **chosen,
+            "scoring": "raw" if raw else "calibrated", "dev_calibrated": on_dev["accuracy"],
+            "dev_raw": on_dev["raw_accuracy"], "dev_seconds": on_dev["seconds"]}
 
 
 def fitting_examples(tokenizer: Any, task: str, shots: datasets.Dataset, seed: int, budget: int) -> list[tuple[str, str]]:
@@ -206,39 +246,65 @@ def fitting_examples(tokenizer: Any, task: str, shots: datasets.Dataset, seed: i
     return examples[:n]
 
 
-def _left_padded(rows: list[list[int]], pad: int, prefix: str = "") -> dict[str, torch.Tensor]:
+def _left_padded(rows: list[list[int]], pad: int, key: str = "", after: int = 0) -> dict[str, torch.Tensor]:
+    """Rows left-padded, with positions counted from ``after`` (the length of a cached prefix they follow)."""
     width = max(map(len, rows))
     mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
-    return {f"{prefix}input_ids": torch.tensor([[pad] * (width - len(r)) + r for r in rows]),
-            f"{prefix}attention_mask": mask, f"{prefix}position_ids": (mask.cumsum(-1) - 1).clamp(min=0)}
+    return {f"{key}input_ids": torch.tensor([[pad] * (width - len(r)) + r for r in rows]),
+            f"{key}attention_mask": torch.cat([torch.ones(len(rows), after, dtype=mask.dtype), mask], 1),
+            f"{key}position_ids": after + (mask.cumsum(-1) - 1).clamp(min=0)}
+
+
+def shared_length(sequences: list[list[int]]) -> int:
+    """How many leading token ids all ``sequences`` share, leaving each at least one of its own."""
+    limit = min(map(len, sequences)) - 1
+    shared = 0
+    while shared < limit and len({ids[shared] for ids in sequences}) == 1:
+        shared += 1
+    return shared
 
 
 def label_word_batches(tokenizer: Any, task: str, shots: datasets.Dataset, size: int = 16, *,
-                       calibrated: bool = False) -> list[dict[str, torch.Tensor]]:
+                       calibrated: bool = False, shared_prefix: bool = False) -> list[dict[str, torch.Tensor]]:
     """The examples as batches for :func:`label_word_loss`, rows of similar length together.
 
     Left-padded with explicit positions, so every row's answer is read at the last position and
     the forward computes the vocabulary logits there only (``logits_to_keep=1``). ``calibrated``
     adds the content-free prompts to every batch (``cf_*``), so the loss is taken on the
-    contextually calibrated scores, as the evaluation scores them.
+    contextually calibrated scores, as the evaluation scores them. ``shared_prefix``: the
+    leading tokens every prompt shares (the instruction line) go once per batch
+    (``prefix_ids``), the loss encodes them once and every row reads their KV cache; the same
+    loss (causal attention: a row's tokens see the same prefix), fewer tokens per forward.
     """
     spec = LABEL_TASKS[task]
     prompts = tokenizer([spec.template.render(t) for t in shots["text"][:]])["input_ids"]
+    free = tokenizer([spec.template.render(t) for t in CONTENT_FREE])["input_ids"]
     labels = shots["label"][:]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     words = torch.tensor([tokenizer(" " + w, add_special_tokens=False)["input_ids"][0] for w in spec.words])
-    content_free = _left_padded(tokenizer([spec.template.render(t) for t in CONTENT_FREE])["input_ids"], pad, "cf_")
+    # Whole prompts tokenized, then split at their common token prefix: no boundary can tokenize differently.
+    cut = shared_length(prompts + (free if calibrated else [])) if shared_prefix else 0
+    shared = {"prefix_ids": torch.tensor([prompts[0][:cut]])} if cut else {}
+    content_free = _left_padded([ids[cut:] for ids in free], pad, "cf_", cut)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     batches = []
     for start in range(0, len(order), size):
         picked = order[start:start + size]
         batches.append({
-            **_left_padded([prompts[i] for i in picked], pad),
+            **_left_padded([prompts[i][cut:] for i in picked], pad, after=cut),  # input_ids first: compose counts rows by it
+            **shared,
             "label": torch.tensor([labels[i] for i in picked]),
             "label_word_ids": words.expand(len(picked), -1),
             **(content_free if calibrated else {}),
         })
     return batches
+
+
+def batch_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Tokens :func:`label_word_loss` runs through the model for ``batch`` (a shared prefix once)."""
+    cut = batch["prefix_ids"].shape[1] if "prefix_ids" in batch else 0
+    masks = [batch[k][:, cut:] for k in ("attention_mask", "cf_attention_mask") if k in batch]
+    return cut + int(sum(m.sum() for m in masks))
 
 
 def label_word_loss(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -248,9 +314,22 @@ def label_word_loss(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     the prior being the mean label-word distribution of the content-free prompts (as
     :func:`adapterkit.prompting.contextual_calibration`), renormalised.
     """
-    def word_logits(prefix: str) -> torch.Tensor:
-        logits = model(input_ids=batch[f"{prefix}input_ids"], attention_mask=batch[f"{prefix}attention_mask"],
-                       position_ids=batch[f"{prefix}position_ids"], logits_to_keep=1).logits[:, -1].float()
+    cache: dict[str, Any] = {}
+    if "prefix_ids" in batch:
+        out = model(input_ids=batch["prefix_ids"], use_cache=True, logits_to_keep=1)
+        # transformers renamed ``past_key_values`` to ``cache`` within 5.x; the output says which it takes.
+        cache = {"cache" if "cache" in out else "past_key_values": out.get("cache", out.get("past_key_values"))}
+
+    def word_logits(key: str) -> torch.Tensor:
+        rows = batch[f"{key}input_ids"]
+        options: dict[str, Any] = {}
+        for argument, prefix in cache.items():
+            # A copy per use: the forward appends the rows' keys and values to the cache it gets.
+            expanded = copy.deepcopy(prefix)
+            expanded.batch_repeat_interleave(len(rows))
+            options = {argument: expanded, "use_cache": True}
+        logits = model(input_ids=rows, attention_mask=batch[f"{key}attention_mask"],
+                       position_ids=batch[f"{key}position_ids"], logits_to_keep=1, **options).logits[:, -1].float()
         return logits[:, batch["label_word_ids"][0]]
 
     scores = word_logits("")
@@ -260,21 +339,29 @@ def label_word_loss(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 def run_compose(model: Any, tokenizer: Any, task: str, shots: datasets.Dataset, seed: int,
-                settings: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    """``ak.compose`` from the library minus ``task``; the composed adapter's name and its search record."""
+                settings: dict[str, Any], *, fold: bool = True) -> tuple[str, dict[str, Any]]:
+    """``ak.compose`` from the library minus ``task``; the composed adapter's name and its search record.
+
+    The batches are tokenized before the clock starts: they do not depend on the weights, so a
+    practitioner tokenizes them once (and the other methods' clocks do not count it either).
+    """
     candidates = [t for t in LIBRARY if t != task]
-    batches = label_word_batches(tokenizer, task, shots, calibrated=settings["compose_loss"] == "calibrated")
-    name = f"composed-{task}-{seed}"
+    batches = label_word_batches(tokenizer, task, shots, calibrated=settings["compose_loss"] == "calibrated",
+                                 shared_prefix=settings.get("compose_prefix") == "shared")
+    name = f"composed-{task}-{seed}{'' if fold else '-unfolded'}"
     started = time.perf_counter()
     ak.compose(model, candidates, batches, name=name, loss_fn=label_word_loss, l1=settings["compose_l1"],
-               max_evaluations=settings["compose_evaluations"], seed=seed, keep_candidates=True)
+               max_evaluations=settings["compose_evaluations"], seed=seed, keep_candidates=True, fold=fold)
     seconds = time.perf_counter() - started
     recipe = ak.get_adapter_record(model, name).meta["merge"]
     search = recipe["search"]
-    tokens = int(sum(b["attention_mask"].sum() + b.get("cf_attention_mask", torch.zeros(1)).sum() for b in batches))
+    tokens = sum(map(batch_tokens, batches))
     return name, {
         "weights": {k: round(v, 4) for k, v in recipe["weights"].items()}, "adapt_seconds": round(seconds, 1),
         "evaluations": search["evaluations"], "loss": round(search["loss"], 4), "base_loss": round(search["base_loss"], 4),
+        "curve": [round(v, 4) for v in search["curve"]], "evaluation": search["evaluation"],
+        "generations": [{**g, "score": round(g["score"], 4), "weights": {k: round(v, 4) for k, v in g["weights"].items()}}
+                        for g in search["generations"]],
         "example_tokens": tokens, "forward_tokens": tokens * search["evaluations"],
         "forward_rows": len(shots) * search["evaluations"],
     }
@@ -314,7 +401,7 @@ def setfit_side(settings: dict[str, Any]) -> dict[str, Any]:
 
     body = akmodels.resolve_model(settings["setfit_body"]).path
     task = settings["task"]
-    train, evaluation = task_split(task, settings)
+    train, _, evaluation = task_split(task, settings)
     out = {"setfit_version": setfit.__version__, "body": settings["setfit_body"], "runs": []}
     for seed in settings["seeds"]:
         shots = akdata.few_shot(train, settings["k"], seed=seed)
@@ -352,22 +439,35 @@ def run_setfit(task: str, settings: dict[str, Any], seeds: list[int]) -> dict[st
 
 # --- one task, left out -------------------------------------------------------------------------
 def summary(runs: list[dict[str, Any]], key: str = "accuracy") -> dict[str, Any]:
+    """Mean, min and max of ``key`` over the runs, as ``accuracy_mean`` etc."""
     values = [r[key] for r in runs]
-    return {f"{key}_mean": round(statistics.mean(values), 4), f"{key}_min": min(values), f"{key}_max": max(values)}
+    return {"accuracy_mean": round(statistics.mean(values), 4), "accuracy_min": min(values), "accuracy_max": max(values)}
+
+
+def method_scoring(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The scoring a method reports: the one its dev rows, pooled over its seeds, prefer (calibrated on a tie).
+
+    One run's 64 dev rows are too few to choose by (a two-row difference would decide); every run
+    of a method has the same number of dev rows, so the pooled accuracy is the mean of the runs'.
+    """
+    calibrated = statistics.mean(r["dev_calibrated"] for r in runs)
+    raw = statistics.mean(r["dev_raw"] for r in runs)
+    return {"scoring": "raw" if raw > calibrated else "calibrated", "dev_calibrated_mean": round(calibrated, 4),
+            "dev_raw_mean": round(raw, 4)}
 
 
 def start_task(model: Any, tokenizer: Any, task: str, settings: dict[str, Any]) -> dict[str, Any]:
     """``task``'s seed-free part: zero-shot, and the diagnostics (each library adapter alone on it)."""
-    _, evaluation = task_split(task, settings)
-    result: dict[str, Any] = {"eval_rows": len(evaluation), "k_per_class": settings["k"],
+    _, dev, evaluation = task_split(task, settings)
+    result: dict[str, Any] = {"eval_rows": len(evaluation), "dev_rows": len(dev), "k_per_class": settings["k"],
                               "label_words": list(LABEL_TASKS[task].words),
                               "instruction": LABEL_TASKS[task].template.instruction,
-                              "zero_shot": evaluate(model, tokenizer, task, evaluation, None)}
+                              "zero_shot": scored(model, tokenizer, task, dev, evaluation, None)}
     if settings["diagnose_rows"]:
         diagnose = akdata.subset(evaluation, settings["diagnose_rows"], seed=0)
         result["diagnostics"] = {
-            "rows": len(diagnose), "zero_shot": evaluate(model, tokenizer, task, diagnose, None)["accuracy"],
-            "single_adapter": {c: evaluate(model, tokenizer, task, diagnose, c)["accuracy"] for c in LIBRARY},
+            "rows": len(diagnose), "zero_shot": both_scorings(evaluate(model, tokenizer, task, diagnose, None)),
+            "single_adapter": {c: both_scorings(evaluate(model, tokenizer, task, diagnose, c)) for c in LIBRARY},
         }
     for method in ("in_context", "fewshot_lora", "compose"):
         result[method] = {"runs": []}
@@ -376,24 +476,37 @@ def start_task(model: Any, tokenizer: Any, task: str, settings: dict[str, Any]) 
     return result
 
 
+def both_scorings(result: dict[str, Any]) -> dict[str, float]:
+    return {"calibrated": result["accuracy"], "raw": result["raw_accuracy"]}
+
+
 def run_seed(model: Any, tokenizer: Any, task: str, result: dict[str, Any], seed: int, settings: dict[str, Any],
              recipe: dict[str, Any], scratch: Path) -> None:
     """Every seeded method on ``task`` with seed ``seed``'s examples; composition from the other adapters."""
-    train, evaluation = task_split(task, settings)
+    train, dev, evaluation = task_split(task, settings)
     shots = akdata.few_shot(train, settings["k"], seed=seed)
     methods = settings["methods"]
     if "in_context" in methods:
         examples = fitting_examples(tokenizer, task, shots, seed, settings["icl_tokens"])
-        icl = evaluate(model, tokenizer, task, evaluation, None, examples)
+        icl = scored(model, tokenizer, task, dev, evaluation, None, examples)
         result["in_context"]["runs"].append({"seed": seed, "examples": len(examples), **icl})
     if "fewshot_lora" in methods:
         name, cost = run_fewshot_lora(model, tokenizer, task, shots, seed, recipe, scratch / f"fewshot-{task}-{seed}")
-        result["fewshot_lora"]["runs"].append({"seed": seed, **cost, **evaluate(model, tokenizer, task, evaluation, name)})
+        result["fewshot_lora"]["runs"].append({"seed": seed, **cost, **scored(model, tokenizer, task, dev, evaluation, name)})
         ak.detach(model, name)
     if "compose" in methods:
         name, cost = run_compose(model, tokenizer, task, shots, seed, settings)
-        result["compose"]["runs"].append({"seed": seed, **cost, **evaluate(model, tokenizer, task, evaluation, name)})
+        result["compose"]["runs"].append({"seed": seed, **cost, **scored(model, tokenizer, task, dev, evaluation, name)})
         ak.detach(model, name)
+        if settings.get("fold_check") and seed == settings["seeds"][0] and task == settings["tasks"][0]:
+            # The same search through the adapter, and with the prefix in every row: what folding and the
+            # shared prefix save (wall seconds, tokens), and that they find the same weights.
+            checks = {"compose_unfolded_check": ({"fold": False}, {}),
+                      "compose_unshared_prefix_check": ({}, {"compose_prefix": "none"})}
+            for key, (options, changed) in checks.items():
+                name, cost = run_compose(model, tokenizer, task, shots, seed, {**settings, **changed}, **options)
+                result[key] = {"seed": seed, **cost}
+                ak.detach(model, name)
     if "setfit" in methods and "runs" in result["setfit"]:
         side = run_setfit(task, settings, [seed])
         if "skipped" in side:
@@ -409,11 +522,20 @@ def run_seed(model: Any, tokenizer: Any, task: str, result: dict[str, Any], seed
 def finish_task(result: dict[str, Any]) -> None:
     """Summaries over the seeds run so far, the compute ratios and the targets (where measured)."""
     for method in METHODS[1:]:
-        if result[method].get("runs"):
-            result[method].update(summary(result[method]["runs"]))
+        runs = result[method].get("runs")
+        if runs and "dev_raw" in runs[0]:
+            result[method].update(method_scoring(runs))
+            result[method].update(summary(runs, f"{result[method]['scoring']}_accuracy"))
+        elif runs:
+            result[method].update(summary(runs))
     if not result["compose"]["runs"]:
         return
     result["compose_minus_zero_shot"] = round(result["compose"]["accuracy_mean"] - result["zero_shot"]["accuracy"], 4)
+    # The same difference with one scoring for both, whichever the dev rows chose.
+    for scoring in ("calibrated", "raw"):
+        key = f"{scoring}_accuracy"
+        mean = statistics.mean(r[key] for r in result["compose"]["runs"])
+        result[f"compose_minus_zero_shot_{scoring}"] = round(mean - result["zero_shot"][key], 4)
     result["met"] = {"compose_beats_zero_shot_by_5_points": result["compose_minus_zero_shot"]
                      >= TARGETS["compose_minus_zero_shot"]}
     if result["fewshot_lora"]["runs"]:
@@ -450,14 +572,18 @@ def rows_of(result: dict[str, Any]) -> list[dict[str, Any]]:
                 continue
             if "runs" not in section:
                 out.append({"task": task, "method": method, "accuracy": section["accuracy"],
-                            "raw_accuracy": section.get("raw_accuracy"), "eval_s": section["seconds"]})
+                            "calibrated": section.get("calibrated_accuracy"), "raw": section.get("raw_accuracy"),
+                            "scoring": f"{section['scoring']} (dev {section['dev_calibrated']:.3f} / {section['dev_raw']:.3f})"
+                            if "scoring" in section else None, "eval_s": section["seconds"]})
                 continue
             runs = section["runs"]
             if not runs:
                 continue
+            dev = f" (dev {section['dev_calibrated_mean']:.3f} / {section['dev_raw_mean']:.3f})" if "scoring" in section else ""
             row = {"task": task, "method": method, "accuracy": section["accuracy_mean"],
                    "range": f"{section['accuracy_min']:.3f}-{section['accuracy_max']:.3f} ({len(runs)} seeds)",
-                   "raw_accuracy": raw_mean(section),
+                   "calibrated": mean_of(runs, "calibrated_accuracy"), "raw": raw_mean(section),
+                   "scoring": f"{section['scoring']}{dev}" if "scoring" in section else None,
                    "adapt_s": statistics.mean(x.get("adapt_seconds", 0.0) for x in runs),
                    "eval_s": statistics.mean(x.get("eval_seconds", x.get("seconds", 0.0)) for x in runs)}
             if method == "fewshot_lora":
@@ -468,6 +594,16 @@ def rows_of(result: dict[str, Any]) -> list[dict[str, Any]]:
                 row["note"] = f"{min(x['examples'] for x in runs)}-{max(x['examples'] for x in runs)} examples in context"
             out.append(row)
     return out
+
+
+def mean_of(runs: list[dict[str, Any]], key: str) -> float | None:
+    values = [r[key] for r in runs if key in r]
+    return round(statistics.mean(values), 4) if values else None
+
+
+def calibrated_mean(section: dict[str, Any]) -> float | None:
+    """Mean calibrated accuracy of a method's section (None where it has no calibrated scores)."""
+    return mean_of(section["runs"], "calibrated_accuracy") if "runs" in section else section.get("calibrated_accuracy")
 
 
 def raw_mean(section: dict[str, Any]) -> float | None:
@@ -499,10 +635,12 @@ def plot(result: dict[str, Any], path: Path) -> None:
             high.append(s.get("accuracy_max", mean) - mean)
         xs = [t + (i - len(METHODS) / 2 + 0.5) * width for t in range(len(tasks))]
         left.bar(xs, means, width, yerr=[low, high], capsize=3, label=method.replace("_", " "))
-        raws = [raw_mean(result["tasks"][task][method]) for task in tasks]
-        left.scatter([x for x, r in zip(xs, raws) if r is not None], [r for r in raws if r is not None], marker="x",
-                     color="black", zorder=3, label="raw scores (uncalibrated)" if i == 0 else None)
-    left.set(xticks=range(len(tasks)), xticklabels=tasks, ylabel="accuracy (calibrated label words)",
+        for scoring, marker, values in (
+                ("raw scores", "x", [raw_mean(result["tasks"][task][method]) for task in tasks]),
+                ("calibrated scores", "_", [calibrated_mean(result["tasks"][task][method]) for task in tasks])):
+            left.scatter([x for x, v in zip(xs, values) if v is not None], [v for v in values if v is not None],
+                         marker=marker, color="black", zorder=3, label=scoring if i == 0 else None)
+    left.set(xticks=range(len(tasks)), xticklabels=tasks, ylabel="accuracy (scoring chosen on dev rows)",
              title=f"leave-one-task-out, k={result['settings']['k']} per class, {result['settings']['model']}")
     left.legend(fontsize=8)
     for i, method in enumerate(("fewshot_lora", "compose", "setfit")):
@@ -549,10 +687,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--rows", type=int, help="training rows per library adapter")
     parser.add_argument("--eval-rows", type=int, help="evaluation rows per task (the same for every method)")
+    parser.add_argument("--dev-rows", type=int, help="rows held out of the training split that choose each run's scoring")
     parser.add_argument("--diagnose-rows", type=int, help="rows for the single-adapter diagnostics (0: skip them)")
     parser.add_argument("--compose-evaluations", type=int)
     parser.add_argument("--compose-loss", choices=["raw", "calibrated"],
                         help="label-word cross-entropy on the raw scores (LoraHub's) or the calibrated ones")
+    parser.add_argument("--compose-prefix", choices=["shared", "none"],
+                        help="encode the prompts' shared instruction prefix once per batch in the composition loss "
+                             "(default) or in every row (the same loss, more tokens)")
     parser.add_argument("--model", default=None, help="default smollm2-135m (--quick: a tiny random Llama)")
     parser.add_argument("--cache", default=None, help="library adapters (default runs/library-adapters)")
     parser.add_argument("--setfit-path", default="/tmp/library-setfit" if Path("/tmp/library-setfit").is_dir() else None,
@@ -560,6 +702,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--no-setfit", action="store_true")
     parser.add_argument("--methods", nargs="+", default=list(METHODS[1:]), choices=list(METHODS[1:]),
                         help="the seeded methods to run (zero-shot always runs)")
+    parser.add_argument("--add-to", metavar="JSON",
+                        help="add the --methods' runs to a result written before with the same data settings "
+                             "(a long benchmark run in parts); written back to it unless --out says otherwise")
+    parser.add_argument("--fold-check", action="store_true",
+                        help="for the first seed and task, also run composition through the adapter (fold=False), "
+                             "and with the prefix in every row, and time them")
     parser.add_argument("--quick", action="store_true", help="the code path on a tiny model, in seconds")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=None, help="default benchmarks/results/library.json (--quick: under results/tmp)")
@@ -568,23 +716,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.report:
         path = Path(args.report)
         result = json.loads(path.read_text())
+        for task_result in result["tasks"].values():
+            finish_task(task_result)  # the summaries as this code computes them
         report(result, path)
         write_result(path.parent, path.stem, result)  # with the summary report() adds
         return result
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     torch.set_num_threads(args.threads)
     settings = dict(QUICK if args.quick else FULL)
-    for key in ("rows", "eval_rows", "diagnose_rows", "compose_evaluations", "compose_loss"):
+    for key in ("rows", "eval_rows", "dev_rows", "diagnose_rows", "compose_evaluations", "compose_loss", "compose_prefix"):
         if getattr(args, key) is not None:
             settings[key] = getattr(args, key)
     scratch = Path(tempfile.mkdtemp(prefix="library-bench-"))
     cache = Path(args.cache or (scratch / "library" if args.quick else ROOT / "runs" / "library-adapters"))
     # The tiny base lives in the cache too, so a cached library is found again under the same path.
     model_name = args.model or (quick_model(cache / "tiny-base") if args.quick else "smollm2-135m")
-    out = Path(args.out or ("benchmarks/results/tmp/library-quick.json" if args.quick else "benchmarks/results/library.json"))
+    default_out = "benchmarks/results/tmp/library-quick.json" if args.quick else "benchmarks/results/library.json"
+    out = Path(args.out or args.add_to or default_out)
     settings.update({"model": model_name, "threads": args.threads, "setfit_body": "minilm-l6",
                      "setfit_path": args.setfit_path, "tasks": args.tasks, "seeds": args.seeds, "cache": str(cache),
-                     "methods": args.methods})
+                     "methods": args.methods, "fold_check": args.fold_check})
     settings["skip_setfit"] = "--no-setfit" if args.no_setfit else setfit_availability(args.setfit_path)
     recipe = fewshot_recipe_defaults()
     if args.quick:
@@ -592,13 +743,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     model, tokenizer = ak.load_base(model_name, task="causal-lm")
     result: dict[str, Any] = {"environment": environment(), "targets": TARGETS, "settings": settings,
                               "fewshot_recipe_defaults": recipe, "tasks": {}}
+    if args.add_to:
+        result, settings = continued(Path(args.add_to), result)
     started = time.perf_counter()
     result["library"] = build_library(model, tokenizer, model_name, settings, cache)
     result["library_seconds"] = round(time.perf_counter() - started, 1)
     write_result(out.parent, out.stem, result)  # each section as it lands: a long run keeps what it measured
     for task in args.tasks:
-        result["tasks"][task] = start_task(model, tokenizer, task, settings)
-        write_result(out.parent, out.stem, result)
+        if task not in result["tasks"]:
+            result["tasks"][task] = start_task(model, tokenizer, task, settings)
+            write_result(out.parent, out.stem, result)
     # Seeds outside, tasks inside: a run stopped early still has every task at the seeds it finished.
     for seed in args.seeds:
         for task in args.tasks:
@@ -610,22 +764,84 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return result
 
 
+def dev_pool(result: dict[str, Any], method: str, key: str) -> list[float]:
+    """``key`` of every run of ``method`` (zero-shot: its one measurement per task) over the tasks."""
+    sections = [r[method] for r in result["tasks"].values()]
+    return [run[key] for s in sections for run in s.get("runs", [s]) if key in run]
+
+
+#: the settings that decide the examples, the rows and the library: a run added to a result must share them
+DATA_SETTINGS = ("model", "rows", "eval_rows", "dev_rows", "diagnose_rows", "k", "library_epochs", "library_lr",
+                 "library_max_length", "icl_tokens", "setfit_iterations")
+
+
+def continued(path: Path, new: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The result at ``path`` with this run's methods and environment recorded, and the settings to run with."""
+    result = json.loads(path.read_text())
+    old, settings = result["settings"], new["settings"]
+    differ = {k: (old.get(k), settings.get(k)) for k in DATA_SETTINGS if old.get(k) != settings.get(k)}
+    if differ:
+        raise ak.InvalidOptionError(f"--add-to {path}: its data settings differ from this run's {differ}; "
+                                    "pass the same ones (or write a new result).")
+    if result["fewshot_recipe_defaults"] != new["fewshot_recipe_defaults"]:
+        raise ak.InvalidOptionError(f"--add-to {path}: the few-shot recipe's defaults changed since it was written.")
+    for task in settings["tasks"]:
+        for method in settings["methods"]:
+            section = result["tasks"].get(task, {}).get(method, {})
+            done = {r["seed"] for r in section.get("runs", [])} & set(settings["seeds"])
+            if done:
+                raise ak.InvalidOptionError(f"--add-to {path}: {task} {method} already has seeds {sorted(done)}.")
+    result.setdefault("added_runs", []).append({"environment": new["environment"], "settings": settings})
+    merged = {**old, "methods": sorted(set(old["methods"]) | set(settings["methods"]), key=METHODS.index),
+              "seeds": sorted(set(old["seeds"]) | set(settings["seeds"])),
+              "tasks": [*old["tasks"], *(t for t in settings["tasks"] if t not in old["tasks"])]}
+    # This run's own choices (what it runs, compose's options), on the shared data settings.
+    run_settings = {**settings, **{k: old[k] for k in DATA_SETTINGS}}
+    result["settings"] = {**merged, **{k: v for k, v in settings.items() if k.startswith("compose")}}
+    return result, run_settings
+
+
 def report(result: dict[str, Any], out: Path) -> str:
     """Print the table, the weights and the targets; write ``<out>.md`` and ``<out>.png`` beside the JSON."""
     result["met"] = {task: r["met"] for task, r in result["tasks"].items() if "met" in r}
     # A run stopped early (or --report on a partial file) says which seeds each task really has.
     result["seeds_completed"] = {task: [run["seed"] for run in r["compose"]["runs"]] for task, r in result["tasks"].items()}
-    lines = [table(rows_of(result), ["task", "method", "accuracy", "range", "raw_accuracy", "adapt_s", "eval_s",
-                                     "tokens", "note"])]
+    lines = [table(rows_of(result), ["task", "method", "accuracy", "range", "calibrated", "raw", "scoring", "adapt_s",
+                                     "eval_s", "tokens", "note"]),
+             "\naccuracy: with the scoring (calibrated or raw) the method's dev rows (held out of the training split, "
+             "pooled over its seeds) prefer; calibrated and raw: every run scored each way; scoring: the choice "
+             "(dev accuracy calibrated / raw)."]
     for task, r in result["tasks"].items():
         if "met" not in r:
             continue
-        weights = [run["weights"] for run in r["compose"]["runs"]]
-        # Calibration is the library's default for every method; the raw scores are reported beside it.
-        raw = raw_mean(r["compose"]) - r["zero_shot"]["accuracy"]
-        lines.append(f"\n{task}: compose - zero-shot = {r['compose_minus_zero_shot']:+.3f} (compose's raw scores: "
-                     f"{raw:+.3f}); compose weights per seed "
-                     f"{weights}; compute vs few-shot LoRA {r.get('compute')}; met {r['met']}")
+        runs = r["compose"]["runs"]
+        lines.append(
+            f"\n{task}: compose - zero-shot = {r['compose_minus_zero_shot']:+.3f} (mean of {len(runs)} seeds, each with "
+            f"its dev-chosen scoring; both calibrated: {r.get('compose_minus_zero_shot_calibrated', float('nan')):+.3f}, "
+            f"both raw: {r.get('compose_minus_zero_shot_raw', float('nan')):+.3f}); met {r['met']}")
+        lines.append(f"- compute vs few-shot LoRA: {r.get('compute')}")
+        for run in runs:
+            curve = run.get("curve") or []
+            # The best objective after each CMA-ES generation: flat means more evaluations buy nothing.
+            step = max(1, (len(curve) - 1) // 3) if curve else 1
+            lines.append(f"- seed {run['seed']}: weights {run['weights']}; loss {run['loss']} (base {run['base_loss']}); "
+                         f"best objective at evaluations 1, {', '.join(str(i + 1) for i in range(step, len(curve), step))}: "
+                         f"{[curve[0], *curve[step::step]]}; evaluated {run.get('evaluation', '?')}")
+        diag = r.get("diagnostics")
+        if diag:
+            lines.append(f"- on {diag['rows']} of the rows, zero-shot {diag['zero_shot']}; each library adapter alone "
+                         f"(the left-out task's own adapter is the oracle): {diag['single_adapter']}")
+        for key, what in (("compose_unfolded_check", "through the adapter (fold=False)"),
+                          ("compose_unshared_prefix_check", "with the instruction prefix in every row")):
+            if r.get(key):
+                check, first = r[key], runs[0]
+                lines.append(f"- the seed-{check['seed']} search {what}: {check['adapt_seconds']} s and "
+                             f"{check['forward_tokens']:,} tokens vs {first['adapt_seconds']} s and "
+                             f"{first['forward_tokens']:,}; weights {check['weights']}, loss {check['loss']}")
+    lines.append("\nDev rows pooled over every task and seed, accuracy calibrated / raw: " + "; ".join(
+        f"{method} {statistics.mean(d) if (d := dev_pool(result, method, 'dev_calibrated')) else float('nan'):.3f} / "
+        f"{statistics.mean(d) if (d := dev_pool(result, method, 'dev_raw')) else float('nan'):.3f}"
+        for method in METHODS if method != "setfit"))
     text = "\n".join(lines)
     print(text)
     out.with_suffix(".md").write_text(f"# Adapter library, leave-one-task-out ({result['settings']['model']})\n\n{text}\n")

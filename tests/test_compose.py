@@ -139,3 +139,54 @@ def test_refusals_and_failures_leave_the_model_as_it_was(tmp_path) -> None:
     with pytest.raises(RuntimeError, match="out of memory"):
         compose(model, ["a", str(tmp_path / "c-saved")], examples, loss_fn=broken)
     assert _state(model) == before
+
+
+def _base_weights(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if "lora_" not in k}
+
+
+def test_folded_evaluations_give_the_adapter_path_s_losses_and_leave_the_base_bit_identical() -> None:
+    """Folding the update into the base weights changes the cost of an evaluation, not its loss."""
+    records, bases = {}, {}
+    for fold in (True, False):
+        model = _candidates(_base(), scale=0.3)
+        batch = _batch(3)
+        with torch.no_grad():
+            labels = _mixture_logits(model, {"a": 0.7, "c": -0.4}, batch).argmax(-1)
+        labels[batch["attention_mask"] == 0] = -100
+        before = _base_weights(model)
+        compose(model, ["a", "b", "c"], {**batch, "labels": labels}, max_evaluations=40, name="mix", fold=fold)
+        after = _base_weights(model)
+        assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+        records[fold] = ak.get_adapter_record(model, "mix").meta["merge"]
+        # The loss the search reports for its best weights, recomputed through the composed adapter.
+        with torch.no_grad():
+            loss = model(**batch, labels=labels).loss.item()
+        assert records[fold]["search"]["loss"] == pytest.approx(loss, rel=1e-5)
+        bases[fold] = model
+    folded, plain = records[True]["search"], records[False]["search"]
+    assert folded["evaluation"] == "folded into the base weights"
+    assert plain["evaluation"] == "through the adapter (fold=False)"
+    # Same seed, same losses up to float rounding (1e-5 relative), so CMA-ES takes the same path.
+    assert len(folded["curve"]) == folded["evaluations"] == plain["evaluations"]
+    torch.testing.assert_close(torch.tensor(folded["curve"]), torch.tensor(plain["curve"]), rtol=1e-5, atol=1e-6)
+    for name in ("a", "b", "c"):
+        assert records[True]["weights"][name] == pytest.approx(records[False]["weights"][name], abs=1e-4)
+
+
+def test_a_failing_folded_search_puts_the_base_weights_back() -> None:
+    model = _candidates(_base())
+    before = _base_weights(model)
+    calls = []
+
+    def fails_late(m, batch):
+        calls.append(1)
+        if len(calls) == 5:
+            raise RuntimeError("out of memory")
+        return _mse(m, batch)
+
+    with pytest.raises(RuntimeError, match="out of memory"):
+        compose(model, ["a", "b"], {**_batch(), "target": torch.zeros(8, 8, 64)}, loss_fn=fails_late)
+    after = _base_weights(model)
+    assert all(torch.equal(after[k], before[k]) for k in before)
+    assert ak.list_adapters(model) == ["a", "b", "c"]
