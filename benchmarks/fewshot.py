@@ -13,7 +13,9 @@ with that seed, as ``recipes/fewshot_causal_lm.py`` and ``benchmarks/prompting.p
 - in-context: the k examples per class as demonstrations (balanced, alternating by class), their
   KV cache reused for every row;
 - lora: LoRA trained on the k examples per class with the config's settings, the loss on the
-  label word only (``ak.train`` on prompt/completion rows), then label-word scoring.
+  label word only (``ak.train`` on prompt/completion rows), then label-word scoring; with the
+  config's ``ensemble: N``, N adapters on the same examples (seeds ``seed + 1000 * i``, as the
+  recipe's ``--ensemble``) and the mean of their label-word probabilities.
 
 Zero-shot and in-context are scored with contextual calibration (the prompting recipe's default),
 LoRA with the config's ``calibration`` (TREC's is none: on held-out rows the trained adapter's raw
@@ -25,7 +27,11 @@ split: ``--split heldout`` evaluates there (the rows of ``held_out_rows``: none 
 examples), and ``--set key=value`` changes one setting of the config (``learning_rate=3e-4``,
 ``text_prefix="Review: "``, ``target_modules=[q_proj,v_proj]``...), so every search run is one
 command; ``--log`` appends each run as a JSON line (``benchmarks/results/fewshot-search.jsonl``,
-summarized in ``fewshot-search.md``).
+summarized in ``fewshot-search.md``); ``--save-scores DIR`` keeps every run's per-row scores (raw
+and the calibration prior, per ensemble member) so that ensembles can be scored afterwards.
+``--keep-other-methods`` reruns one method of a task (e.g. ``--methods lora`` after a change of
+its training settings) and keeps the task's other methods from ``--out``, provided they were
+measured with the same prompt, label words, k, rows and seeds.
 """
 
 from __future__ import annotations
@@ -44,8 +50,8 @@ import yaml
 
 import adapterkit as ak
 import adapterkit.data as akdata
-from adapterkit.evaluate import evaluate_label_words
-from adapterkit.prompting import PromptTemplate, balanced_examples
+from adapterkit.metrics import classification_metrics
+from adapterkit.prompting import LabelWordScores, PromptTemplate, balanced_examples, score_texts
 from benchmarks.common import ROOT, environment, table, write_result
 
 TARGETS = {"sst2_lora_accuracy_mean": 0.85}
@@ -56,7 +62,7 @@ SEARCH_SEEDS = (0, 1, 2)
 SETTING_DEFAULTS: dict[str, Any] = {
     "model": "smollm2-135m", "instruction": "Classify the sentiment of the following text.", "text_prefix": "Text: ",
     "answer_prefix": "Answer:", "label_words": None, "k": 16, "calibration": "contextual", "learning_rate": None,
-    "num_epochs": 5.0, "batch_size": 8, "max_length": 256, "adapter": {},
+    "num_epochs": 5.0, "batch_size": 8, "max_length": 256, "ensemble": 1, "adapter": {},
 }
 
 
@@ -103,52 +109,132 @@ def evaluation_rows(task: str, rows: int | None, split: str, seed: int = 0) -> A
     return akdata.subset(evaluation, rows, seed=seed)
 
 
-def score(model: Any, tokenizer: Any, rows: Any, settings: dict[str, Any], words: list[str],
-          examples: list[tuple[str, str]] = (), *, calibrate: bool = True) -> dict[str, Any]:
-    """Label-word accuracy on ``rows``; ``accuracy`` follows ``calibrate``, the other variant is kept beside it.
+def label_metrics(scores: torch.Tensor, labels: list[int]) -> dict[str, Any]:
+    """Accuracy, macro-F1 and the share of each predicted class of (rows, label words) scores."""
+    preds = scores.argmax(-1).tolist()
+    shares = [round(sum(p == c for p in preds) / len(preds), 4) for c in range(scores.shape[-1])]
+    metrics = classification_metrics(preds, labels, num_labels=scores.shape[-1])
+    return {key: round(value, 4) for key, value in metrics.items()} | {"class_shares": shares}
+
+
+def combine(members: list[LabelWordScores]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(calibrated, raw) scores of an ensemble: the mean of its members' label-word probabilities (log).
+
+    Calibrated: each member's contextually calibrated distribution (its own prior divided out),
+    renormalized, then averaged; raw: the average of the members' raw label-word distributions.
+    """
+    calibrated = torch.stack([m.calibrated.log_softmax(-1).exp() for m in members]).mean(0).log()
+    raw = torch.stack([m.raw.log_softmax(-1).exp() for m in members]).mean(0).log()
+    return calibrated, raw
+
+
+def score(members: list[LabelWordScores], labels: list[int], *, calibrate: bool = True) -> dict[str, Any]:
+    """Label-word accuracy of one model's (or an ensemble's) scores; ``accuracy`` follows ``calibrate``.
 
     The scores are always computed with contextual calibration, so ``raw_accuracy`` (uncalibrated)
     and ``calibrated_accuracy`` both come from the same forward passes.
     """
-    metrics = evaluate_label_words(model, tokenizer, rows, words, template=template_of(settings), examples=examples,
-                                   calibration="contextual")
-    out = {"accuracy": metrics["accuracy"] if calibrate else metrics["raw_accuracy"],
-           "macro_f1": metrics["macro_f1"] if calibrate else metrics["raw_macro_f1"],
-           "calibrated_accuracy": metrics["accuracy"], "raw_accuracy": metrics["raw_accuracy"],
-           "class_shares": metrics["class_shares"] if calibrate else metrics["raw_class_shares"],
-           "calibration": "contextual" if calibrate else None}
-    out = {key: round(value, 4) if isinstance(value, float) else value for key, value in out.items()}
-    return {**out, "eval_rows": len(rows), "eval_seconds": round(metrics["seconds"], 1)}
+    calibrated, raw = combine(members)
+    cal, unc = label_metrics(calibrated, labels), label_metrics(raw, labels)
+    picked = cal if calibrate else unc
+    return {"accuracy": picked["accuracy"], "macro_f1": picked["macro_f1"],
+            "calibrated_accuracy": cal["accuracy"], "raw_accuracy": unc["accuracy"],
+            "class_shares": picked["class_shares"], "calibration": "contextual" if calibrate else None,
+            "eval_rows": len(labels)}
 
 
-def run(task: str, method: str, seed: int, rows: Any, settings: dict[str, Any], output_dir: str) -> dict[str, Any]:
-    """One method on one seed's examples, scored on ``rows``; LoRA trains a fresh adapter on a fresh base."""
+def scores_of(model: Any, tokenizer: Any, rows: Any, settings: dict[str, Any], words: list[str],
+              examples: list[tuple[str, str]] = ()) -> LabelWordScores:
+    """Raw and contextually calibrated label-word scores of every row (the recipe's evaluation)."""
+    return score_texts(model, tokenizer, rows["text"][:], words, template=template_of(settings), examples=examples,
+                       calibration="contextual")
+
+
+def save_scores(path: Path | None, members: list[LabelWordScores], labels: list[int]) -> None:
+    """Every member's raw scores and prior, for ensembles computed later without re-running (``--save-scores``)."""
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"raw": [m.raw for m in members], "prior": [m.prior for m in members],
+                    "labels": torch.tensor(labels)}, path)
+
+
+def run(task: str, method: str, seed: int, rows: Any, settings: dict[str, Any], output_dir: str,
+        save: Path | None = None) -> dict[str, Any]:
+    """One method on one seed's examples, scored on ``rows``; LoRA trains fresh adapters on a fresh base.
+
+    LoRA with ``ensemble: N`` trains N adapters on the same examples (member ``i`` seeded
+    ``seed + 1000 * i``, so member 0 is the single run) and averages their label-word probabilities;
+    each member's own accuracy is kept in ``member_accuracy``.
+    """
     train, labels = akdata.local_dataset(task, "train")
     words = list(settings["label_words"] or [name.lower() for name in labels])
     shots = akdata.few_shot(train, settings["k"], seed=seed)
-    model, tokenizer = ak.load_base(settings["model"], task="causal-lm")
+    truth = rows["label"][:]
     out: dict[str, Any] = {"task": task, "method": method, "seed": seed, "k_per_class": settings["k"],
                            "load_average": [round(x, 2) for x in os.getloadavg()]}
-    if method == "zero-shot":
-        return {**out, **score(model, tokenizer, rows, settings, words)}
-    if method == "in-context":
-        examples = balanced_examples(shots["text"][:], shots["label"][:], words, seed=seed)
-        return {**out, **score(model, tokenizer, rows, settings, words, examples)}
+    if method in ("zero-shot", "in-context"):
+        model, tokenizer = ak.load_base(settings["model"], task="causal-lm")
+        examples = [] if method == "zero-shot" else balanced_examples(shots["text"][:], shots["label"][:], words,
+                                                                      seed=seed)
+        started = time.perf_counter()
+        members = [scores_of(model, tokenizer, rows, settings, words, examples)]
+        save_scores(save, members, truth)
+        return {**out, **score(members, truth), "eval_seconds": round(time.perf_counter() - started, 1)}
     template = template_of(settings)
     pairs = zip(shots["text"][:], shots["label"][:])
     data = [{"prompt": template.render(t), "completion": " " + words[y]} for t, y in pairs]
-    # As the recipe does: LoRA's random initial weights come from the global RNG, seeded here, so a run does
-    # not depend on what used it earlier in the process (the runs in results/fewshot.json predate this line).
-    transformers.set_seed(seed)
-    ak.attach(model, "lora", **settings["adapter"])
-    started = time.perf_counter()
-    metrics = ak.train(model, tokenizer, data, learning_rate=settings["learning_rate"],
-                       num_epochs=settings["num_epochs"], batch_size=settings["batch_size"],
-                       max_length=settings["max_length"], seed=seed, output_dir=output_dir, eval_strategy="no",
-                       show_progress=False)
-    out.update(train_seconds=round(time.perf_counter() - started, 1), train_loss=round(metrics["train_loss"], 4))
+    members, train_seconds, eval_seconds, losses = [], 0.0, 0.0, []
+    for member in range(int(settings["ensemble"])):
+        model, tokenizer = ak.load_base(settings["model"], task="causal-lm")
+        member_seed = seed + 1000 * member
+        # As the recipe does: LoRA's random initial weights come from the global RNG, seeded here, so a run does
+        # not depend on what used it earlier in the process (the first search and first evaluation run predate this).
+        transformers.set_seed(member_seed)
+        ak.attach(model, "lora", **settings["adapter"])
+        started = time.perf_counter()
+        metrics = ak.train(model, tokenizer, data, learning_rate=settings["learning_rate"],
+                           num_epochs=settings["num_epochs"], batch_size=settings["batch_size"],
+                           max_length=settings["max_length"], seed=member_seed, output_dir=output_dir,
+                           eval_strategy="no", show_progress=False)
+        train_seconds += time.perf_counter() - started
+        losses.append(round(metrics["train_loss"], 4))
+        started = time.perf_counter()
+        members.append(scores_of(model, tokenizer, rows, settings, words))
+        eval_seconds += time.perf_counter() - started
+    save_scores(save, members, truth)
     calibrate = str(settings["calibration"]).lower() not in ("none", "false", "")
-    return {**out, **score(model, tokenizer, rows, settings, words, calibrate=calibrate)}
+    out.update(train_seconds=round(train_seconds, 1), train_loss=losses[0] if len(losses) == 1 else losses)
+    if len(members) > 1:
+        out["member_accuracy"] = [score([m], truth, calibrate=calibrate)["accuracy"] for m in members]
+    return {**out, **score(members, truth, calibrate=calibrate), "eval_seconds": round(eval_seconds, 1)}
+
+
+#: What every method of a task shares; a method kept from an earlier run must have had the same.
+SHARED = ("model", "instruction", "text_prefix", "answer_prefix", "label_words", "k")
+
+
+def keep_other_methods(section: dict[str, Any], earlier: dict[str, Any] | None, methods: list[str],
+                       commit: str | None) -> None:
+    """Copy the methods not in ``methods`` (and their runs) from the task's ``earlier`` section into ``section``.
+
+    Only a section measured on the same split, rows and seeds with the same prompt, label words and
+    k qualifies (the same examples and rows for every method); each kept summary notes when and at
+    which commit it was measured.
+    """
+    if earlier is None:
+        raise SystemExit("--keep-other-methods: --out has no section for this task to keep methods from")
+    same = {key: earlier.get(key) == section[key] for key in ("split", "eval_rows", "seeds")}
+    same.update({key: earlier["settings"].get(key) == section["settings"][key] for key in SHARED})
+    if not all(same.values()):
+        differ = [key for key, equal in same.items() if not equal]
+        raise SystemExit(f"--keep-other-methods: the earlier section differs in {differ}; rerun every method")
+    for method, summary in earlier["methods"].items():
+        if method not in methods:
+            # The section's own commit where it has one; older sections only have their report's (the last writer's).
+            kept_from = summary.get("kept_from") or {"section_started": earlier.get("started"),
+                                                     "commit": earlier.get("commit"), "report_commit": commit}
+            section["methods"][method] = {**summary, "kept_from": kept_from}
+            section["runs"] += [r for r in earlier["runs"] if r["method"] == method]
 
 
 def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -236,7 +322,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="Trainer's scratch folder")
     parser.add_argument("--keep-other-tasks", action="store_true",
                         help="keep the sections of tasks this run does not run from an existing --out file")
+    parser.add_argument("--keep-other-methods", action="store_true",
+                        help="keep the methods this run does not run from the task's section in --out (only when the "
+                             "prompt, label words, k, rows and seeds are the same)")
     parser.add_argument("--no-plot", action="store_true")
+    parser.add_argument("--save-scores", default=None, metavar="DIR",
+                        help="save each run's per-row label-word scores here (TASK-METHOD-sSEED-LABEL.pt)")
+    parser.add_argument("--label", default="run", help="the run's name in --save-scores file names")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     changes = parse_changes(args.set)
@@ -245,8 +337,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out = Path(args.out)
     result: dict[str, Any] = {"environment": environment(), "targets": TARGETS,
                               "settings": {**vars(args), "changes": changes}, "tasks": {}}
-    if args.keep_other_tasks and out.is_file():  # tasks run separately (a long run per task) share one report
-        earlier = json.loads(out.read_text())
+    keeping = args.keep_other_tasks or args.keep_other_methods
+    earlier = json.loads(out.read_text()) if keeping and out.is_file() else {}
+    if args.keep_other_tasks:  # tasks run separately (a long run per task) share one report
         kept = earlier.get("tasks", {}).items()
         result["tasks"] = {task: section for task, section in kept if task not in args.tasks}
     summary_rows = []
@@ -254,13 +347,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         settings = settings_for(task, changes)
         rows = evaluation_rows(task, args.rows, args.split)
         section = result["tasks"][task] = {"settings": settings, "split": args.split, "eval_rows": len(rows),
-                                           "seeds": args.seeds,
+                                           "seeds": args.seeds, "commit": result["environment"].get("commit"),
                                            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                                            "methods": {}, "runs": []}
+        if args.keep_other_methods:
+            keep_other_methods(section, earlier.get("tasks", {}).get(task), args.methods,
+                               earlier.get("environment", {}).get("commit"))
         for method in args.methods:
             runs = []
             for seed in ([args.seeds[0]] if method == "zero-shot" else args.seeds):  # zero-shot draws nothing
-                record = run(task, method, seed, rows, settings, output_dir=args.output_dir)
+                save = Path(args.save_scores) / f"{task}-{method}-s{seed}-{args.label}.pt" if args.save_scores else None
+                record = run(task, method, seed, rows, settings, output_dir=args.output_dir, save=save)
                 runs.append(record)
                 section["runs"].append(record)
                 print(json.dumps(record), flush=True)

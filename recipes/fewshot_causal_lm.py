@@ -10,6 +10,15 @@ baselines in ``recipes/prompting.py``.
     python recipes/fewshot_causal_lm.py --k 16 --seed 1
     python recipes/fewshot_causal_lm.py --config recipes/configs/sst2_smollm2_fewshot.yaml
     python recipes/fewshot_causal_lm.py --sweep learning_rate=3e-4,1e-3 num_epochs=3,5   # dev: 200 other training rows
+    python recipes/fewshot_causal_lm.py --ensemble 3
+
+``--ensemble N`` (scoring only) trains N adapters on the same k examples, member ``i`` seeded
+``seed + 1000 * i`` (member 0 is the plain run), all on one base under the names ``NAME``,
+``NAME-1``, ...; a row's prediction is the label word with the highest mean probability over the
+members (each member's distribution calibrated first when calibration is on). It costs N
+trainings and N evaluations. Member 0 is saved to ``OUTPUT_DIR/adapter``, member ``i`` to
+``OUTPUT_DIR/adapter-i``; each folder alone is a plain adapter (``adapterkit eval`` scores one
+member, not the ensemble).
 """
 
 from __future__ import annotations
@@ -21,14 +30,19 @@ import sys
 import time
 from typing import Any
 
+import torch
 import transformers
 
 import adapterkit as ak
 import adapterkit.sweep as sweep
 from adapterkit import data as akdata
 from adapterkit.evaluate import evaluate_label_words
+from adapterkit.metrics import classification_metrics
 from adapterkit.options import recipe_main, report_results, run_script
-from adapterkit.prompting import PromptTemplate
+from adapterkit.prompting import PromptTemplate, score_texts
+
+#: Member ``i`` of an ensemble trains with seed ``seed + MEMBER_SEED_STEP * i``.
+MEMBER_SEED_STEP = 1000
 
 
 @dataclasses.dataclass
@@ -58,6 +72,7 @@ class Options:
     max_length: int = 256
     seed: int = 0
     max_steps: int = -1
+    ensemble: int = 1                   # adapters trained on the same k examples, probabilities averaged
     max_eval_rows: int | None = None
     output_dir: str = "runs/fewshot"
     name: str = "default"
@@ -73,6 +88,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if opts.predict not in ("scoring", "generation"):
         raise ak.InvalidOptionError(f"predict must be 'scoring' or 'generation', got {opts.predict!r}.")
+    if not isinstance(opts.ensemble, int) or opts.ensemble < 1:
+        raise ak.InvalidOptionError(f"ensemble must be a whole number of adapters >= 1, got {opts.ensemble!r}.")
+    if opts.ensemble > 1 and opts.predict != "scoring":
+        raise ak.InvalidOptionError("ensemble averages label-word probabilities: it needs --predict scoring.")
 
     # 1. data: k shots per class, the full evaluation split
     source = akdata.data_source(dataset=opts.dataset, train_file=opts.train_file, eval_file=opts.eval_file)
@@ -100,8 +119,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print(ak.summary(model))
 
     # 4. save and report
-    folder = ak.save(model, f"{opts.output_dir}/adapter", name=opts.name,
-                     metrics={f"eval_{k}": metrics[k] for k in ("accuracy", "macro_f1")})
+    folders = [ak.save(model, f"{opts.output_dir}/adapter" + (f"-{i}" if i else ""), name=name,
+                       metrics={f"eval_{k}": metrics[k] for k in ("accuracy", "macro_f1")})
+               for i, name in enumerate(member_names(opts))]
+    folder = folders[0]
     results = {
         "model": opts.model, "strategy": opts.strategy, "bits": opts.bits,
         "dataset": source["dataset"] or source["train_file"], "eval_data": source["eval_data"],
@@ -111,6 +132,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "eval_seconds": round(metrics["seconds"], 1),
         "adapter": str(folder), **(tuned.summary() if tuning else {}),
     }
+    if opts.ensemble > 1:
+        results.update(ensemble=opts.ensemble, members=[str(f) for f in folders],
+                       member_accuracy=metrics["member_accuracy"])
     if opts.publish:
         results["commit_url"] = ak.publish(folder, opts.publish)
     report_results(results, opts.results_json)
@@ -129,22 +153,33 @@ def prompting(opts: Options, labels: list[str]) -> tuple[list[str], PromptTempla
     return words, template, calibration
 
 
+def member_names(opts: Options) -> list[str]:
+    """The adapter names of the ensemble's members on the model (just ``opts.name`` without one)."""
+    return [opts.name] + [f"{opts.name}-{i}" for i in range(1, opts.ensemble)]
+
+
 def fit(opts: Options, shots, evaluation, *, labels: list[str], source: dict) -> sweep.Fitted:
-    """A fresh base with an adapter trained on the k-shot prompts, then scored on ``evaluation``."""
+    """A fresh base with an adapter (or ``opts.ensemble`` of them) trained on the k-shot prompts, then scored."""
     words, template, _ = prompting(opts, labels)
-    rows = [{"prompt": template.render(t), "completion": " " + words[y]} for t, y in zip(shots["text"][:], shots["label"][:])]
+    pairs = zip(shots["text"][:], shots["label"][:])
+    rows = [{"prompt": template.render(t), "completion": " " + words[y]} for t, y in pairs]
     model, tokenizer = ak.load_base(opts.model, task="causal-lm", bits=opts.bits)
-    # The adapter's initial weights (LoRA's random A) come from the global RNG: seeded here, so a
-    # run does not depend on what used it earlier in the process.
-    transformers.set_seed(opts.seed)
-    ak.attach(model, opts.strategy, name=opts.name, **opts.adapter)
-    started = time.perf_counter()
-    train_metrics = ak.train(
-        model, tokenizer, rows, learning_rate=opts.learning_rate, num_epochs=opts.num_epochs,
-        batch_size=opts.batch_size, max_length=opts.max_length, seed=opts.seed, max_steps=opts.max_steps,
-        output_dir=f"{opts.output_dir}/checkpoints", eval_strategy="no",
-        recipe={"recipe": "fewshot_causal_lm", **dataclasses.asdict(opts), **source, "label_words": words},
-    )
+    started, results = time.perf_counter(), []
+    for i, name in enumerate(member_names(opts)):
+        seed = opts.seed + MEMBER_SEED_STEP * i
+        # The adapter's initial weights (LoRA's random A) come from the global RNG: seeded here, so a
+        # run does not depend on what used it earlier in the process.
+        transformers.set_seed(seed)
+        ak.attach(model, opts.strategy, name=name, **opts.adapter)
+        results.append(ak.train(
+            model, tokenizer, rows, name=name, learning_rate=opts.learning_rate, num_epochs=opts.num_epochs,
+            batch_size=opts.batch_size, max_length=opts.max_length, seed=seed, max_steps=opts.max_steps,
+            output_dir=f"{opts.output_dir}/checkpoints" + (f"-{i}" if i else ""), eval_strategy="no",
+            recipe={"recipe": "fewshot_causal_lm", **dataclasses.asdict(opts), **source, "label_words": words,
+                    "ensemble_member": i},
+        ))
+    train_metrics = results[0]  # the report's train loss and Trainer are member 0's
+    ak.use(model, opts.name)
     fitted = sweep.Fitted(model, tokenizer, {}, time.perf_counter() - started, name=opts.name, result=train_metrics)
     if train_metrics.trainer.is_world_process_zero():  # torchrun: evaluate (and later save) once
         fitted.metrics = evaluate(opts, fitted, evaluation, labels=labels)
@@ -152,10 +187,30 @@ def fit(opts: Options, shots, evaluation, *, labels: list[str], source: dict) ->
 
 
 def evaluate(opts: Options, fitted: sweep.Fitted, rows, *, labels: list[str]) -> dict[str, Any]:
-    """Classify ``rows`` by the label words with the trained adapter."""
+    """Classify ``rows`` by the label words with the trained adapter (or the ensemble's mean probabilities)."""
     words, template, calibration = prompting(opts, labels)
-    return evaluate_label_words(fitted.model, fitted.tokenizer, rows, words, template=template, method=opts.predict,
-                                calibration=calibration)
+    if opts.ensemble == 1:
+        return evaluate_label_words(fitted.model, fitted.tokenizer, rows, words, template=template,
+                                    method=opts.predict, calibration=calibration)
+    started = time.perf_counter()
+    probabilities = []
+    for name in member_names(opts):
+        ak.use(fitted.model, name)
+        scores = score_texts(fitted.model, fitted.tokenizer, rows["text"][:], words, template=template,
+                             calibration=calibration)
+        probabilities.append(scores.scores.log_softmax(-1).exp())  # calibrated scores renormalized
+    ak.use(fitted.model, opts.name)
+    truth = rows["label"][:]
+    return {**_metrics(torch.stack(probabilities).mean(0), truth), "rows": len(truth),
+            "seconds": time.perf_counter() - started,
+            "member_accuracy": [round(_metrics(p, truth)["accuracy"], 4) for p in probabilities]}
+
+
+def _metrics(probabilities: torch.Tensor, labels: list[int]) -> dict[str, Any]:
+    preds = probabilities.argmax(-1).tolist()
+    classes = probabilities.shape[-1]
+    return {**classification_metrics(preds, labels, num_labels=classes),
+            "class_shares": [sum(p == c for p in preds) / len(preds) for c in range(classes)]}
 
 
 if __name__ == "__main__":

@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 import adapterkit as ak
 from adapterkit import data as akdata
@@ -67,6 +69,25 @@ def test_fewshot_and_prompting_smoke(tiny, toy_files, tmp_path, capsys):
     assert cli(["eval", str(tmp_path / "fs" / "adapter"), "--dataset", evaluation]) == 0
     out = capsys.readouterr().out
     assert f"accuracy  {results['accuracy']:.4f}" in out, out
+
+
+def test_fewshot_ensemble_trains_members_on_one_base_and_reports_each(tiny, toy_files, tmp_path):
+    train, evaluation = toy_files
+    common = ["--model", tiny["llama"], "--train-file", train, "--eval-file", evaluation,
+              "--label-words", '["w7", "w8"]', "--k", "4", "--max-steps", "2", "--max-length", "32"]
+    ensemble = recipe("fewshot_causal_lm").main([*common, "--ensemble", "2", "--output-dir", str(tmp_path / "ens")])
+    single = recipe("fewshot_causal_lm").main([*common, "--output-dir", str(tmp_path / "one")])
+    assert ensemble["ensemble"] == 2 and len(ensemble["members"]) == 2 and 0 <= ensemble["accuracy"] <= 1
+    # Member 0 is the plain run, unchanged by the member trained after it on the same base; member 1
+    # (seeded seed + 1000) trained on the same examples to other weights.
+    assert ensemble["member_accuracy"][0] == single["accuracy"]
+    first = load_file(str(tmp_path / "ens" / "adapter" / "adapter_model.safetensors"))
+    alone = load_file(str(tmp_path / "one" / "adapter" / "adapter_model.safetensors"))
+    assert first.keys() == alone.keys() and all(torch.equal(first[k], alone[k]) for k in first)
+    second = load_file(str(tmp_path / "ens" / "adapter-1" / "adapter_model.safetensors"))
+    assert any(not torch.equal(first[k], second[k]) for k in first)
+    with pytest.raises(ak.InvalidOptionError, match="needs --predict scoring"):
+        recipe("fewshot_causal_lm").main([*common, "--ensemble", "2", "--predict", "generation"])
 
 
 def test_instruction_tuning_smoke(tiny, tmp_path, capsys):
