@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from adapterkit.compat import transformers as transformers_compat
 from adapterkit.errors import InvalidOptionError
 
 #: Inputs with no content (Zhao et al., 2021): the label-word distribution the model gives them is its
@@ -153,9 +154,8 @@ class _Prefix:
         self._caches: dict[int, Any] = {}
         if ids:
             out = model(input_ids=torch.tensor([ids], device=device), use_cache=True)
-            # transformers renamed ``past_key_values`` to ``cache`` within 5.x; the output says which it takes.
-            self.argument = "cache" if "cache" in out else "past_key_values"
-            self._one = out[self.argument]
+            self.argument = transformers_compat.cache_argument(model)
+            self._one = transformers_compat.output_cache(out)
 
     def cache(self, rows: int) -> Any:
         """The prefix's cache for a batch of ``rows``; :meth:`release` crops it back to the prefix."""

@@ -70,6 +70,7 @@ import adapterkit as ak
 import adapterkit.models as akmodels
 from adapterkit import data as akdata
 from adapterkit.cli import load_recipe
+from adapterkit.compat import transformers as transformers_compat
 from adapterkit.prompting import CONTENT_FREE, PromptTemplate, balanced_examples, contextual_calibration
 from benchmarks.common import ROOT, environment, run_side, side_arguments, table, write_result
 
@@ -317,8 +318,7 @@ def label_word_loss(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     cache: dict[str, Any] = {}
     if "prefix_ids" in batch:
         out = model(input_ids=batch["prefix_ids"], use_cache=True, logits_to_keep=1)
-        # transformers renamed ``past_key_values`` to ``cache`` within 5.x; the output says which it takes.
-        cache = {"cache" if "cache" in out else "past_key_values": out.get("cache", out.get("past_key_values"))}
+        cache = {transformers_compat.cache_argument(model): transformers_compat.output_cache(out)}
 
     def word_logits(key: str) -> torch.Tensor:
         rows = batch[f"{key}input_ids"]

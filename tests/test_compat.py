@@ -319,7 +319,7 @@ def test_compat_modules_import_only_torch_at_module_level():
                 top |= {a.name.split(".")[0] for a in node.names}
             elif isinstance(node, ast.ImportFrom):
                 top.add((node.module or "").split(".")[0])
-        assert top <= {"__future__", "collections", "typing", "torch"}, f"{module.name} imports {sorted(top)}"
+        assert top <= {"__future__", "collections", "inspect", "typing", "torch"}, f"{module.name} imports {sorted(top)}"
 
 
 def test_a_registered_attention_runs_by_name_with_sdpa_masks_and_can_be_switched_back():
@@ -353,3 +353,18 @@ def test_a_dataset_fingerprint_is_a_string_that_every_transform_changes():
     assert datasets_compat.fingerprint(mapped) not in (None, first)
     assert datasets_compat.fingerprint(ds.map(lambda row: row, new_fingerprint="f" * 32)) == "f" * 32
     assert datasets_compat.fingerprint(object()) is None
+
+
+def test_the_cache_goes_in_under_the_name_the_forward_takes_and_comes_out_readable():
+    model = TINY["llama"]().eval()
+    name = transformers_compat.cache_argument(model)
+    assert name in ("cache", "past_key_values")
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # the deprecated spelling would warn
+        out = model(input_ids=ids[:, :3], use_cache=True)
+        cache = transformers_compat.output_cache(out)
+        assert cache is not None and cache.get_seq_length() == 3
+        step = model(input_ids=ids[:, 3:], use_cache=True, **{name: cache})
+    full = model(input_ids=ids).logits[:, -1]
+    torch.testing.assert_close(step.logits[:, -1], full, rtol=1e-4, atol=1e-5)

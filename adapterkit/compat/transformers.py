@@ -5,6 +5,7 @@ Checked against transformers 5.24.0 (``transformers.Trainer``, ``trainer_utils``
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -97,3 +98,15 @@ def sdpa_attention(*args: Any, **kwargs: Any) -> Any:
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     return sdpa_attention_forward(*args, **kwargs)
+
+
+def cache_argument(model: nn.Module) -> str:
+    """The keyword ``model``'s forward takes a KV cache under: ``"cache"`` (transformers 5.24.0;
+    ``past_key_values`` still works there but is deprecated) or ``"past_key_values"`` before the
+    rename. Outputs still name it ``past_key_values``: read it with :func:`output_cache`."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def output_cache(out: Any) -> Any:
+    """The KV cache in a model output, under either name."""
+    return out.get("cache", out.get("past_key_values"))
