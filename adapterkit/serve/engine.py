@@ -40,6 +40,7 @@ from transformers.cache_utils import DynamicLayer
 
 import adapterkit.artifacts as artifacts
 import adapterkit.hub as hub
+from adapterkit.compat import transformers as transformers_compat
 from adapterkit.errors import AdapterNotFoundError, IncompatibleModelError, InvalidOptionError, did_you_mean
 from adapterkit.model_info import label_names as base_label_names
 from adapterkit.model_info import task_of
@@ -293,9 +294,8 @@ class Engine:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (sorted(self.eos_ids) or [0])[0]
         self.device = next(model.parameters()).device
         accepted = inspect.signature(model.forward).parameters
-        # transformers 5.x renamed forward's `past_key_values` to `cache` (the old name warns, then goes).
         self._step_kwargs: dict[str, Any] = {"use_cache": True}
-        self._cache_arg = "cache" if "cache" in accepted else "past_key_values"
+        self._cache_arg = transformers_compat.cache_argument(model)
         if "logits_to_keep" in accepted:
             # Only the last position's logits are read: the LM head skips the prompt's other positions.
             self._step_kwargs["logits_to_keep"] = 1
