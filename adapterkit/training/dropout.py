@@ -159,7 +159,12 @@ def has_cpu_dropout(model: nn.Module) -> bool:
     first = next(model.parameters(), None)
     if first is None or first.device.type != "cpu":
         return False
-    return any(type(m) is nn.Dropout and m.p > 0 for m in model.modules())
+    return any(_swappable(m) for m in model.modules())
+
+
+def _swappable(module: nn.Module) -> bool:
+    """A plain ``nn.Dropout`` that drops something (subclasses may draw their own masks)."""
+    return type(module) is nn.Dropout and module.p > 0
 
 
 def step_seeder(source: MaskSource) -> Any:
@@ -187,7 +192,7 @@ def bulk_dropout(model: nn.Module, seed: int) -> Iterator[MaskSource]:
     try:
         for parent in list(model.modules()):
             for name, child in list(parent.named_children()):
-                if type(child) is nn.Dropout and child.p > 0:
+                if _swappable(child):
                     replacement = BulkDropout(child.p, source, child.inplace)
                     replacement.train(child.training)
                     setattr(parent, name, replacement)
