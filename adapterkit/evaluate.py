@@ -20,7 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from adapterkit.errors import DataError, InvalidOptionError
-from adapterkit.metrics import classification_metrics
+from adapterkit.metrics import classification_metrics, label_metrics
 from adapterkit.prompting import (
     CONTENT_FREE,
     Calibration,
@@ -184,5 +184,4 @@ def evaluate_label_words(
 
 
 def _label_word_result(preds: list[int], labels: list[int], num_labels: int, started: float) -> dict[str, Any]:
-    shares = [sum(p == c for p in preds) / len(preds) for c in range(num_labels)]
-    return {**_result(preds, labels, num_labels, started), "class_shares": shares}
+    return {**label_metrics(preds, labels, num_labels), "rows": len(labels), "seconds": time.perf_counter() - started}

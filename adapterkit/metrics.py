@@ -70,6 +70,13 @@ def classification_metrics(
     return {"accuracy": float(accuracy(preds, labels)), "macro_f1": float(macro_f1(preds, labels, num_labels))}
 
 
+def label_metrics(preds: Sequence[int], labels: Sequence[int], num_labels: int) -> dict[str, Any]:
+    """:func:`classification_metrics` plus ``class_shares``, the share of rows predicted as each
+    class: a classifier that collapses to one class shows there."""
+    shares = [sum(p == c for p in preds) / len(preds) for c in range(num_labels)]
+    return {**classification_metrics(preds, labels, num_labels=num_labels), "class_shares": shares}
+
+
 def compute_metrics_for_trainer(eval_pred: Any) -> dict[str, float]:
     """``compute_metrics`` for transformers' ``Trainer``: argmax of the logits, then accuracy and macro-F1.
 

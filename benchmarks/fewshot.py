@@ -50,7 +50,7 @@ import yaml
 
 import adapterkit as ak
 import adapterkit.data as akdata
-from adapterkit.metrics import classification_metrics
+import adapterkit.metrics as akmetrics
 from adapterkit.prompting import LabelWordScores, PromptTemplate, balanced_examples, score_texts
 from benchmarks.common import ROOT, environment, table, write_result
 
@@ -111,9 +111,8 @@ def evaluation_rows(task: str, rows: int | None, split: str, seed: int = 0) -> A
 
 def label_metrics(scores: torch.Tensor, labels: list[int]) -> dict[str, Any]:
     """Accuracy, macro-F1 and the share of each predicted class of (rows, label words) scores."""
-    preds = scores.argmax(-1).tolist()
-    shares = [round(sum(p == c for p in preds) / len(preds), 4) for c in range(scores.shape[-1])]
-    metrics = classification_metrics(preds, labels, num_labels=scores.shape[-1])
+    metrics = akmetrics.label_metrics(scores.argmax(-1).tolist(), labels, scores.shape[-1])
+    shares = [round(share, 4) for share in metrics.pop("class_shares")]
     return {key: round(value, 4) for key, value in metrics.items()} | {"class_shares": shares}
 
 

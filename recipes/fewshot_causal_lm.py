@@ -37,7 +37,7 @@ import adapterkit as ak
 import adapterkit.sweep as sweep
 from adapterkit import data as akdata
 from adapterkit.evaluate import evaluate_label_words
-from adapterkit.metrics import classification_metrics
+from adapterkit.metrics import label_metrics
 from adapterkit.options import recipe_main, report_results, run_script
 from adapterkit.prompting import PromptTemplate, score_texts
 
@@ -207,10 +207,7 @@ def evaluate(opts: Options, fitted: sweep.Fitted, rows, *, labels: list[str]) ->
 
 
 def _metrics(probabilities: torch.Tensor, labels: list[int]) -> dict[str, Any]:
-    preds = probabilities.argmax(-1).tolist()
-    classes = probabilities.shape[-1]
-    return {**classification_metrics(preds, labels, num_labels=classes),
-            "class_shares": [sum(p == c for p in preds) / len(preds) for c in range(classes)]}
+    return label_metrics(probabilities.argmax(-1).tolist(), labels, probabilities.shape[-1])
 
 
 if __name__ == "__main__":

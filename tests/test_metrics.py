@@ -130,3 +130,11 @@ def test_gsm8k_answer_on_real_data():
     got = [gsm8k_answer(r["answer"]) for r in rows]
     assert got == expected
     assert exact_match(got, expected) == 1.0
+
+
+def test_label_metrics_add_the_share_of_each_predicted_class():
+    from adapterkit.metrics import label_metrics
+
+    out = label_metrics([0, 0, 0, 1], [0, 1, 0, 1], num_labels=3)
+    assert out["accuracy"] == 0.75 and out["class_shares"] == [0.75, 0.25, 0.0]
+    assert out["macro_f1"] == classification_metrics([0, 0, 0, 1], [0, 1, 0, 1], num_labels=3)["macro_f1"]
